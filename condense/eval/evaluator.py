@@ -1,0 +1,189 @@
+"""The evaluator: retrain fresh networks on a set and report test accuracy.
+
+Hyper-parameters are only ever chosen on a validation split carved from the real TRAINING
+images (``select_lr``); the test set is touched once per trained model, for the final number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from condense.errors import ConfigError
+from condense.eval.train import TrainConfig, ensemble_accuracy, train_classifiers
+from condense.provenance import write_json_atomic
+from condense.types import EvalReport, RealData, SyntheticSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocol (defaults: METHODS.md common protocol, DSA during training).
+
+    Attributes:
+        archs: registered model names to train.
+        num_models: fresh models per architecture.
+        epochs: training epochs (lr x0.1 once at half).
+        lr: SGD learning rate, unless the set carries a learned lr and ``use_learned_lr``.
+        dsa: DSA augmentation of every training batch (``dsa_strategy`` None = dataset default).
+        select_lr: candidate lrs; when non-empty one model per candidate is trained and scored on
+            ``val_size`` held-out REAL TRAINING images, the best is used (never the test set).
+        vectorize: train the models of one architecture together (torch.func vmap) where possible.
+        seed: model i of an architecture uses seed ``seed * 1000 + i``.
+    """
+
+    archs: list[str] = field(default_factory=lambda: ["convnet"])
+    num_models: int = 3
+    epochs: int = 300
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    dsa: bool = True
+    dsa_strategy: str | None = None
+    soft_temperature: float = 3.0
+    use_learned_lr: bool = True
+    select_lr: list[float] = field(default_factory=list)
+    val_size: int = 5000
+    vectorize: bool = True
+    bf16: bool = False
+    seed: int = 0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("num_models", "epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.archs:
+            raise ConfigError("eval.archs is empty; name at least one model, e.g. [convnet]")
+
+
+class Evaluator:
+    """Trains fresh models on a set and measures them on ``data``'s test split."""
+
+    def __init__(self, cfg: EvalConfig, data: RealData, device: torch.device | str = "cpu") -> None:
+        from condense.models import MODELS
+
+        for a in cfg.archs:
+            MODELS.get(a)  # fail early with the valid choices
+        self.cfg = cfg
+        self.data = data
+        self.device = torch.device(device)
+        self._augment = None
+        if cfg.dsa:
+            from condense.augment import DSA, default_strategy
+
+            self._augment = DSA(cfg.dsa_strategy or default_strategy(data.spec.name))
+
+    def _make_model(self, arch: str):  # noqa: ANN202
+        from condense.models import create_model
+
+        spec = self.data.spec
+
+        def make(g: torch.Generator) -> torch.nn.Module:
+            return create_model(arch, channels=spec.channels, num_classes=spec.num_classes,
+                                im_size=spec.im_size, generator=g,
+                                **self.cfg.model_kwargs).to(self.device)
+
+        return make
+
+    def _train_cfg(self, lr: float) -> TrainConfig:
+        c = self.cfg
+        return TrainConfig(epochs=c.epochs, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                           batch_size=c.batch_size, soft_temperature=c.soft_temperature, bf16=c.bf16)
+
+    def _augment_fn(self):  # noqa: ANN202
+        if self._augment is None:
+            return None
+        dsa = self._augment
+        return lambda x, g: dsa(x, g)
+
+    def _val_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator()
+        g.manual_seed(self.cfg.seed + 7919)
+        n = self.data.train_images.shape[0]
+        idx = torch.randperm(n, generator=g)[: min(self.cfg.val_size, n)].to(self.device)
+        return self.data.train_images[idx], self.data.train_labels[idx]
+
+    def _select_lr(self, arch: str, images: torch.Tensor, targets: torch.Tensor) -> tuple[float, dict]:
+        vx, vy = self._val_split()
+        scores = {}
+        for lr in self.cfg.select_lr:
+            ens = train_classifiers(self._make_model(arch), images, targets, [self.cfg.seed * 1000 + 999],
+                                    self._train_cfg(float(lr)), augment=self._augment_fn(),
+                                    vectorize=False)
+            scores[float(lr)] = ensemble_accuracy(ens, vx, vy)[0]
+        best = max(scores, key=lambda k: scores[k])
+        return best, {"candidates": scores, "chosen": best, "on": f"{vx.shape[0]} real training images"}
+
+    def evaluate_tensors(
+        self, images: torch.Tensor, targets: torch.Tensor, *, learned_lr: float | None = None
+    ) -> EvalReport:
+        """Evaluate any labelled tensor set (synthetic, a random real subset, the whole data).
+
+        Args:
+            images: ``(N,C,H,W)`` normalized images.
+            targets: ``(N,)`` int64 hard labels or ``(N,classes)`` soft-label logits.
+            learned_lr: used instead of ``cfg.lr`` when given and ``cfg.use_learned_lr``.
+        """
+        c = self.cfg
+        t0 = time.perf_counter()
+        images = images.detach().to(self.device, torch.float32)
+        targets = targets.detach().to(self.device)
+        runs: list[dict[str, Any]] = []
+        summary: dict[str, dict[str, float]] = {}
+        selection: dict[str, Any] = {}
+        for arch in c.archs:
+            lr = learned_lr if (learned_lr is not None and c.use_learned_lr) else c.lr
+            if c.select_lr:
+                lr, selection[arch] = self._select_lr(arch, images, targets)
+            seeds = [c.seed * 1000 + i for i in range(c.num_models)]
+            ens = train_classifiers(self._make_model(arch), images, targets, seeds,
+                                    self._train_cfg(float(lr)), augment=self._augment_fn(),
+                                    vectorize=c.vectorize)
+            accs = ensemble_accuracy(ens, self.data.test_images, self.data.test_labels, bf16=c.bf16)
+            for s, a in zip(seeds, accs):
+                runs.append({"arch": arch, "seed": s, "epochs": c.epochs, "lr": float(lr),
+                             "test_acc": round(a, 4)})
+            summary[arch] = {
+                "mean": round(statistics.fmean(accs), 4),
+                "std": round(statistics.pstdev(accs), 4),
+                "n": len(accs),
+            }
+            log.info("eval %s: %.2f +- %.2f (n=%d)", arch, summary[arch]["mean"], summary[arch]["std"], len(accs))
+        protocol = {**dataclasses.asdict(c), "train_size": int(images.shape[0]),
+                    "labels": "soft" if targets.dim() == 2 else "hard",
+                    "learned_lr": learned_lr, "lr_selection": selection or None,
+                    "dsa_strategy": self._augment.strategy if self._augment is not None else None}
+        return EvalReport(runs=runs, summary=summary, protocol=protocol,
+                          wall_s=time.perf_counter() - t0)
+
+    def evaluate(self, syn: SyntheticSet) -> EvalReport:
+        """Evaluate a synthetic set (its learned lr is used where present)."""
+        if syn.meta.dataset.name != self.data.spec.name:
+            raise ConfigError(f"synthetic set is for dataset {syn.meta.dataset.name!r} but the "
+                              f"evaluator holds {self.data.spec.name!r}")
+        if syn.zca_matrix is not None:
+            raise ConfigError("ZCA-whitened sets need the test data whitened with the same matrix; "
+                              "build the evaluator's data with that ZCA (not supported yet here)")
+        lr = float(syn.lr) if syn.lr is not None else None
+        return self.evaluate_tensors(syn.images, syn.labels, learned_lr=lr)
+
+    def evaluate_whole(self) -> EvalReport:
+        """The whole-training-set reference under the same protocol."""
+        return self.evaluate_tensors(self.data.train_images, self.data.train_labels)
+
+
+def write_eval_json(report: EvalReport, path: str | Path, **extra: Any) -> Path:
+    """``eval.json`` (atomic): the report plus ``extra`` top-level fields."""
+    path = Path(path)
+    write_json_atomic(path, {**extra, **report.to_dict()})
+    return path

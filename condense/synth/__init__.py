@@ -1,0 +1,6 @@
+"""Synthesizers (one per method) and the runner. Importing this registers every method."""
+
+from condense.synth import selection  # noqa: F401  (registers random, herding, kcenter)
+from condense.synth.base import SYNTHESIZERS, SynthContext, Synthesizer, register_synthesizer
+
+__all__ = ["SYNTHESIZERS", "SynthContext", "Synthesizer", "register_synthesizer"]

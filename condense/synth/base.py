@@ -1,0 +1,130 @@
+"""The synthesizer contract: one object per method, one outer iteration per ``step``.
+
+The runner (``condense.synth.runner``) owns the loop, budget, checkpoints and logging; a
+synthesizer only knows how to initialise a set, improve it by one iteration, and finish it.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from condense.registry import Registry
+from condense.types import RealData, SyntheticSet
+
+
+def derive_generator(gen: torch.Generator, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh generator on ``device`` seeded by one draw from ``gen`` (advances ``gen``)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
+    out = torch.Generator(device=device)
+    out.manual_seed(seed)
+    return out
+
+
+@dataclass
+class SynthContext:
+    """Everything a synthesizer needs, built by the CLI or a script.
+
+    Attributes:
+        data: real data as tensors on ``device``.
+        index: per-class sampler over ``data.train_labels`` (``condense.data.ClassIndex``).
+        ipc: images per class.
+        seed: the run's seed (metadata; randomness comes from ``generator``).
+        device: where tensors and networks live.
+        generator: the single source of randomness, on ``device``.
+        model_name / model_kwargs: the matching/feature network (``condense.models`` registry).
+        augment: a ``condense.augment.DSA`` or ``None`` (siamese augmentation).
+        cache_dir: where cached artefacts (trained feature nets, experts) may be kept.
+    """
+
+    data: RealData
+    index: Any
+    ipc: int
+    seed: int
+    device: torch.device
+    generator: torch.Generator
+    model_name: str = "convnet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    augment: Any = None
+    cache_dir: Path | None = None
+
+    @property
+    def spec(self):  # noqa: ANN201 - DatasetSpec, avoids an import cycle in type checkers
+        return self.data.spec
+
+    def make_model(self, name: str | None = None, **overrides: Any) -> nn.Module:
+        """A freshly initialised network on ``device``; weights drawn from ``generator``."""
+        from condense.models import create_model
+
+        kwargs = {**self.model_kwargs, **overrides}
+        g = derive_generator(self.generator)
+        model = create_model(
+            name or self.model_name,
+            channels=self.spec.channels,
+            num_classes=self.spec.num_classes,
+            im_size=self.spec.im_size,
+            generator=g,
+            **kwargs,
+        )
+        return model.to(self.device)
+
+
+class Synthesizer(abc.ABC):
+    """Base class of every method. Subclasses set ``Config`` (a dataclass) and ``name``.
+
+    ``Config`` must have an ``iterations: int`` field (0 for pure selection methods).
+    """
+
+    Config: ClassVar[type]
+    name: ClassVar[str]
+
+    def __init__(self, cfg: Any, ctx: SynthContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+
+    @property
+    def iterations(self) -> int:
+        return int(getattr(self.cfg, "iterations", 0))
+
+    @abc.abstractmethod
+    def init_set(self) -> SyntheticSet:
+        """The starting synthetic set (class-major, ``images`` a leaf tensor if optimized)."""
+
+    def step(self, syn: SyntheticSet, it: int) -> dict[str, float]:
+        """One outer iteration, in place on ``syn``. Returns scalars to log (e.g. ``loss``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no iterations")
+
+    def finalize(self, syn: SyntheticSet) -> SyntheticSet:
+        """Post-processing after the last iteration (relabel, detach...)."""
+        return syn
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state for checkpoints: tensors, numbers, strings, lists, dicts only."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (called after ``init_set``)."""
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.cfg)
+
+
+SYNTHESIZERS: Registry[type[Synthesizer]] = Registry("method")
+
+
+def register_synthesizer(name: str) -> Callable[[type[Synthesizer]], type[Synthesizer]]:
+    """Class decorator: registers a Synthesizer subclass under ``name`` and sets ``cls.name``."""
+
+    def deco(cls: type[Synthesizer]) -> type[Synthesizer]:
+        cls.name = name
+        SYNTHESIZERS.add(name, cls)
+        return cls
+
+    return deco

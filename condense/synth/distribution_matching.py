@@ -1,0 +1,413 @@
+"""Distribution matching (DM, Zhao & Bilen 2023) and attention matching (DataDAM, Sajedi et al. 2023).
+
+One iteration: a fresh randomly initialised network (never trained, parameters frozen); a real
+batch of every class drawn at once ``(K, B, C, H, W)``; FYI flip / siamese DSA views through
+:func:`condense.synth._matching.siamese_views`; ONE forward of all real views (under
+``torch.no_grad``) and ONE forward of all synthetic views; per-class means by reshaping
+``(K*B, D) -> (K, B, D).mean(1)`` (no loop over classes); loss = sum over classes of squared
+distances of the means; one SGD step on the images.
+
+DataDAM is :class:`DistributionMatching` plus spatial attention maps of intermediate feature
+maps, captured by :func:`condense.ops.features.capture_features` in the same two forwards.
+
+Network mode. As both reference implementations, the network stays in train mode. With
+instance/group/layer norm (the default ConvNet) every image is normalised on its own, so the
+batched forwards equal a per-class loop exactly (tested). With BatchNorm, train mode normalises
+with the statistics of the whole forward batch, i.e. all classes together, which is what the DM
+reference does for its BN networks and what DataDAM's code does for its (BatchNorm) ConvNet;
+running statistics get updated but the network is discarded after the step. ``chunk_classes``
+splits the real forward by classes to bound memory; with BatchNorm this changes the batch
+statistics to per-chunk ones (logged once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from condense.errors import ConfigError, NonFiniteError
+from condense.ops.features import (
+    attention_map,
+    capture_features,
+    feature_modules,
+    pre_pool,
+    resolve_layers,
+)
+from condense.ops.mmd import group_means, mean_sq_distance
+from condense.synth._matching import (
+    INITS,
+    ImageOptimizerMixin,
+    init_images,
+    new_synthetic_set,
+    siamese_views,
+)
+from condense.synth.base import Synthesizer, SynthContext, register_synthesizer
+from condense.types import SyntheticSet
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels (pure functions: used by the synthesizers, the tests and benchmarks/perf)
+# --------------------------------------------------------------------------------------------
+
+
+def autocast_ctx(device: torch.device, bf16: bool) -> torch.autocast:
+    """bfloat16 autocast on ``device``'s type when ``bf16``, a disabled one otherwise."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def feature_means(
+    model: nn.Module,
+    x: torch.Tensor,
+    groups: int,
+    *,
+    modules: Sequence[nn.Module] = (),
+    transform: Transform | None = None,
+) -> list[torch.Tensor]:
+    """One forward of a class-major batch; per-class means of the embedding and hooked maps.
+
+    Args:
+        model: network with ``embed(x) -> (N, D)``.
+        x: ``(G*N, C, H, W)`` class-major images.
+        groups: number of classes ``G``.
+        modules: modules whose outputs are also averaged (after ``transform``).
+        transform: applied to each hooked output inside the hook (e.g. an attention map).
+
+    Returns:
+        ``[embed_means (G, D)] + [means (G, D_l) for each module]``, float32 (float64 kept).
+    """
+    with capture_features(model, modules, transform=transform) as feats:
+        emb = model.embed(x)
+    if len(feats) != len(modules):
+        raise ConfigError(
+            f"{type(model).__name__}.embed called the {len(modules)} hooked feature modules "
+            f"{len(feats)} times; feature modules must each run once per embed()"
+        )
+    return [group_means(emb, groups)] + [group_means(f, groups) for f in feats]
+
+
+def real_feature_means(
+    model: nn.Module,
+    real: torch.Tensor,
+    *,
+    modules: Sequence[nn.Module] = (),
+    transform: Transform | None = None,
+    chunk_classes: int = 0,
+) -> list[torch.Tensor]:
+    """:func:`feature_means` of real views under ``torch.no_grad``, optionally chunked by class.
+
+    Args:
+        real: ``(K, B, C, H, W)`` real views.
+        chunk_classes: classes per forward; 0 = all ``K`` classes in one forward.
+
+    Returns:
+        As :func:`feature_means`, each ``(K, D_l)``, without autograd history.
+    """
+    k = real.shape[0]
+    step = k if chunk_classes <= 0 else chunk_classes
+    with torch.no_grad():
+        parts = [
+            feature_means(
+                model, r.flatten(0, 1), r.shape[0], modules=modules, transform=transform
+            )
+            for r in real.split(step, dim=0)
+        ]
+    return [torch.cat(p, dim=0) for p in zip(*parts)] if len(parts) > 1 else parts[0]
+
+
+def dm_loss(
+    model: nn.Module,
+    real: torch.Tensor,
+    syn: torch.Tensor,
+    *,
+    bf16: bool = False,
+    chunk_classes: int = 0,
+) -> dict[str, torch.Tensor]:
+    """DM loss ``sum_k || mean embed(real_k) - mean embed(syn_k) ||^2`` (batched over classes).
+
+    Args:
+        model: frozen network with ``embed``.
+        real: ``(K, B, C, H, W)`` real views (no gradient needed).
+        syn: ``(K, S, C, H, W)`` synthetic views (on the images' autograd graph).
+        bf16: run both forwards under bfloat16 autocast (means and distance in float32).
+        chunk_classes: classes per real forward (0 = all at once).
+
+    Returns:
+        ``{"loss": 0-d tensor}``.
+    """
+    k = real.shape[0]
+    with autocast_ctx(real.device, bf16):
+        (r_emb,) = real_feature_means(model, real, chunk_classes=chunk_classes)
+        (s_emb,) = feature_means(model, syn.flatten(0, 1), k)
+    return {"loss": mean_sq_distance(r_emb, s_emb)}
+
+
+def datadam_loss(
+    model: nn.Module,
+    real: torch.Tensor,
+    syn: torch.Tensor,
+    *,
+    modules: Sequence[nn.Module],
+    power: float,
+    lambda_mmd: float,
+    factor: float,
+    bf16: bool = False,
+    chunk_classes: int = 0,
+) -> dict[str, torch.Tensor]:
+    """DataDAM loss, batched over classes.
+
+    ``factor * (sum_l sum_k ||mean a_l(real_k) - mean a_l(syn_k)||^2
+    + lambda_mmd * sum_k ||mean embed(real_k) - mean embed(syn_k)||^2)`` with ``a_l`` the
+    L2-normalised spatial attention (:func:`condense.ops.features.attention_map`) of the output
+    of ``modules[l]``.
+
+    Args:
+        model: frozen network with ``embed``; ``modules`` are submodules it runs once per embed.
+        real: ``(K, B, C, H, W)`` real views.
+        syn: ``(K, S, C, H, W)`` synthetic views.
+        modules: feature modules whose attention is matched.
+        power: attention exponent ``p``.
+        lambda_mmd: weight of the embedding term.
+        factor: overall factor on both terms.
+        bf16: bfloat16 autocast for the forwards (attention and means in float32).
+        chunk_classes: classes per real forward (0 = all at once).
+
+    Returns:
+        ``{"loss", "loss_attention", "loss_embed"}`` 0-d tensors (the last two unscaled).
+    """
+    k = real.shape[0]
+    att = partial(attention_map, power=power)
+    with autocast_ctx(real.device, bf16):
+        r = real_feature_means(
+            model, real, modules=modules, transform=att, chunk_classes=chunk_classes
+        )
+        s = feature_means(model, syn.flatten(0, 1), k, modules=modules, transform=att)
+    embed_term = mean_sq_distance(r[0], s[0])
+    attn_term = sum((mean_sq_distance(a, b) for a, b in zip(r[1:], s[1:])), embed_term.new_zeros(()))
+    loss = factor * (attn_term + lambda_mmd * embed_term)
+    return {"loss": loss, "loss_attention": attn_term, "loss_embed": embed_term}
+
+
+# --------------------------------------------------------------------------------------------
+# Synthesizers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DMConfig:
+    """Distribution matching. Defaults: the published protocol (METHODS.md).
+
+    Attributes:
+        iterations: outer iterations (20000 in the paper).
+        lr_img: SGD lr of the images; ``None`` = by ipc (1, or 10 from ipc 100 on).
+        momentum: SGD momentum of the images.
+        batch_real: real images per class per iteration.
+        init: ``real`` or ``noise``.
+        flip: FYI flip (each class's synthetic batch becomes ``[x; hflip(x)]``).
+        dsa: siamese DSA on real and synthetic views (needs ``ctx.augment``).
+        bf16: bfloat16 autocast for the network forwards.
+        chunk_classes: classes per real forward, 0 = all classes in one forward (memory bound;
+            with BatchNorm networks it changes batch statistics to per-chunk ones).
+    """
+
+    iterations: int = 20000
+    lr_img: float | None = None
+    momentum: float = 0.5
+    batch_real: int = 256
+    init: str = "real"
+    flip: bool = False
+    dsa: bool = True
+    bf16: bool = False
+    chunk_classes: int = 0
+
+
+@register_synthesizer("dm")
+class DistributionMatching(ImageOptimizerMixin, Synthesizer):
+    """DM: match per-class mean embeddings of real and synthetic images in random networks."""
+
+    Config: ClassVar[type] = DMConfig
+    #: ``lr_img=None`` resolves to 1.0 below this ipc and 10.0 from it on.
+    high_ipc: ClassVar[int] = 100
+
+    def __init__(self, cfg: DMConfig, ctx: SynthContext) -> None:
+        self._validate(cfg, ctx)
+        if cfg.lr_img is None:
+            cfg = dataclasses.replace(cfg, lr_img=10.0 if ctx.ipc >= self.high_ipc else 1.0)
+        super().__init__(cfg, ctx)
+        self._view_ctx = ctx if cfg.dsa else dataclasses.replace(ctx, augment=None)
+        self._warned_bn = False
+        self._warned_batch = False
+
+    def _validate(self, cfg: DMConfig, ctx: SynthContext) -> None:
+        checks = {
+            "iterations": cfg.iterations >= 0,
+            "batch_real": cfg.batch_real >= 1,
+            "momentum": 0.0 <= cfg.momentum < 1.0,
+            "chunk_classes": cfg.chunk_classes >= 0,
+            "lr_img": cfg.lr_img is None or cfg.lr_img > 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(
+                    f"{self.name}: invalid {key}={getattr(cfg, key)!r} (iterations >= 0, "
+                    "batch_real >= 1, 0 <= momentum < 1, chunk_classes >= 0, lr_img > 0 or null)"
+                )
+        if cfg.init not in INITS:
+            raise ConfigError(f"{self.name}: unknown init {cfg.init!r}; valid: {', '.join(INITS)}")
+        if cfg.dsa and ctx.augment is None:
+            raise ConfigError(
+                f"{self.name}: dsa=true but the context has no augmenter (ctx.augment is None); "
+                "build the context with a condense.augment.DSA or set dsa=false"
+            )
+
+    # -- contract ---------------------------------------------------------------------------
+
+    def init_set(self) -> SyntheticSet:
+        images = init_images(self.ctx, self.cfg.init)
+        syn = new_synthetic_set(self.ctx, images, self.name, self.config_dict())
+        self.make_image_optimizer(syn, lr=float(self.cfg.lr_img), momentum=self.cfg.momentum)
+        return syn
+
+    def step(self, syn: SyntheticSet, it: int) -> dict[str, float]:
+        model = self.matching_model()
+        real, syn_views = self.views(syn)
+        terms = self.matching_loss(model, real, syn_views)
+        loss = terms["loss"]
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{self.name}: loss became {value} at iteration {it}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return {name: float(t.detach()) for name, t in terms.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_optimizer_state(state)
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def matching_model(self) -> nn.Module:
+        """A fresh network (weights from ``ctx.generator``), frozen, in train mode."""
+        model = self.ctx.make_model()
+        model.requires_grad_(False)
+        model.train()
+        if self.cfg.chunk_classes and not self._warned_bn and _has_batchnorm(model):
+            log.warning(
+                "%s: chunk_classes=%d with a BatchNorm network: real batch statistics are "
+                "per chunk, not over all classes",
+                self.name,
+                self.cfg.chunk_classes,
+            )
+            self._warned_bn = True
+        return model
+
+    def views(self, syn: SyntheticSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real batch of all classes and the per-class synthetic batch, through FYI/DSA.
+
+        Returns:
+            ``real (K, B, C, H, W)`` and ``syn (K, S, C, H, W)`` (``S = ipc``, ``2*ipc`` with flip).
+        """
+        ctx = self.ctx
+        k = ctx.spec.num_classes
+        real = ctx.index.gather(ctx.data.train_images, self.real_batch_size(), ctx.generator)
+        syn_k = syn.images.view(k, -1, *syn.images.shape[1:])
+        return siamese_views(self._view_ctx, real, syn_k, flip=self.cfg.flip)
+
+    def real_batch_size(self) -> int:
+        """``batch_real``, capped at the smallest class (as the references' ``perm[:n]``)."""
+        smallest = getattr(self.ctx.index, "min_count", None)
+        b = self.cfg.batch_real
+        if smallest is not None and b > smallest:
+            if not self._warned_batch:
+                log.warning(
+                    "%s: batch_real=%d exceeds the smallest class (%d images); using %d",
+                    self.name, b, smallest, smallest,
+                )
+                self._warned_batch = True
+            b = int(smallest)
+        return b
+
+    def matching_loss(
+        self, model: nn.Module, real: torch.Tensor, syn: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms for one draw (``"loss"`` is minimised)."""
+        return dm_loss(
+            model, real, syn, bf16=self.cfg.bf16, chunk_classes=self.cfg.chunk_classes
+        )
+
+
+@dataclass
+class DataDAMConfig(DMConfig):
+    """DataDAM: DM's fields plus attention matching (defaults from the official code/paper).
+
+    Attributes:
+        batch_real: 64 (official code).
+        power: attention exponent p. The paper's hyper-parameter table says 4, the released code
+            calls its attention with exponent 1; we follow the paper (4).
+        layers: indices into ``model.feature_modules()`` whose attention is matched;
+            ``None`` = all but the last (the last block enters through the embedding term).
+        lambda_mmd: weight of the embedding (MMD) term (0.01; 0.02 at high resolution).
+        factor: overall factor on both terms (100 in the code).
+        pre_pool: take each selected block's map before its trailing pooling layer (the
+            official code hooks the ReLU outputs, i.e. before pooling); ``False`` = the block
+            output (after pooling). See :func:`condense.ops.features.pre_pool`.
+    """
+
+    batch_real: int = 64
+    power: float = 4.0
+    layers: list[int] | None = None
+    lambda_mmd: float = 0.01
+    factor: float = 100.0
+    pre_pool: bool = True
+
+
+@register_synthesizer("datadam")
+class AttentionMatching(DistributionMatching):
+    """DataDAM: DM plus matching of spatial attention maps of intermediate blocks."""
+
+    Config: ClassVar[type] = DataDAMConfig
+    high_ipc: ClassVar[int] = 51  # METHODS.md: lr_img 10 for ipc > 50
+
+    def _validate(self, cfg: DataDAMConfig, ctx: SynthContext) -> None:
+        super()._validate(cfg, ctx)
+        if cfg.power <= 0 or cfg.lambda_mmd < 0 or cfg.factor <= 0:
+            raise ConfigError(
+                f"{self.name}: invalid power={cfg.power}, lambda_mmd={cfg.lambda_mmd} or "
+                f"factor={cfg.factor} (power > 0, lambda_mmd >= 0, factor > 0)"
+            )
+
+    def matching_loss(
+        self, model: nn.Module, real: torch.Tensor, syn: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        modules = resolve_layers(feature_modules(model), self.cfg.layers)
+        if self.cfg.pre_pool:
+            modules = [pre_pool(m) for m in modules]
+        return datadam_loss(
+            model,
+            real,
+            syn,
+            modules=modules,
+            power=self.cfg.power,
+            lambda_mmd=self.cfg.lambda_mmd,
+            factor=self.cfg.factor,
+            bf16=self.cfg.bf16,
+            chunk_classes=self.cfg.chunk_classes,
+        )
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

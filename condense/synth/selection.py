@@ -1,0 +1,171 @@
+"""Coreset selection baselines as synthesizers: ``random``, ``herding``, ``kcenter``.
+
+Herding and k-center select in the embedding space of a ConvNet trained briefly on the real
+data. That network is cached per dataset, architecture, seed and training recipe (safetensors,
+never pickled) under ``ctx.cache_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from condense.provenance import atomic_write_bytes
+from condense.synth._matching import new_synthetic_set
+from condense.synth.base import SynthContext, Synthesizer, register_synthesizer
+from condense.types import SyntheticSet
+
+log = logging.getLogger(__name__)
+
+
+@register_synthesizer("random")
+class RandomSelection(Synthesizer):
+    """``ipc`` distinct real images per class, drawn uniformly from ``ctx.generator``."""
+
+    @dataclass
+    class Config:
+        iterations: int = 0
+
+    def init_set(self) -> SyntheticSet:
+        idx = self.ctx.index.sample(self.ctx.ipc, self.ctx.generator).reshape(-1)
+        images = self.ctx.data.train_images[idx].clone()
+        syn = new_synthetic_set(self.ctx, images, self.name, self.config_dict())
+        syn.meta.extra["selected_indices"] = idx.cpu().tolist()
+        return syn
+
+
+@dataclass
+class FeatureNetConfig:
+    """The briefly trained network whose embedding herding / k-center select in."""
+
+    iterations: int = 0
+    feature_model: str = "convnet"
+    feature_epochs: int = 2
+    feature_train_size: int = 0  # 0 = the whole training set, else a class-balanced subset
+    feature_lr: float = 0.01
+    embed_batch: int = 1024
+
+
+def _cache_key(ctx: SynthContext, cfg: FeatureNetConfig) -> str:
+    blob = json.dumps({"dataset": ctx.spec.name, "n": int(ctx.data.train_images.shape[0]),
+                       "model": cfg.feature_model, "kw": ctx.model_kwargs, "epochs": cfg.feature_epochs,
+                       "train_size": cfg.feature_train_size, "lr": cfg.feature_lr, "seed": ctx.seed},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def trained_feature_net(ctx: SynthContext, cfg: FeatureNetConfig) -> nn.Module:
+    """A network trained ``feature_epochs`` on the real data; loaded from the cache if present."""
+    from condense.eval.train import TrainConfig, train_classifiers
+    from condense.models import create_model
+
+    spec = ctx.spec
+
+    def make(g: torch.Generator) -> nn.Module:
+        return create_model(cfg.feature_model, channels=spec.channels, num_classes=spec.num_classes,
+                            im_size=spec.im_size, generator=g, **ctx.model_kwargs).to(ctx.device)
+
+    path = None
+    if ctx.cache_dir is not None:
+        path = Path(ctx.cache_dir) / f"featnet-{spec.name}-{cfg.feature_model}-{_cache_key(ctx, cfg)}.safetensors"
+        if path.exists():
+            model = make(torch.Generator())
+            model.load_state_dict(load_file(str(path), device=str(ctx.device)))
+            log.info("loaded cached feature network %s", path)
+            return model.eval()
+    x, y = ctx.data.train_images, ctx.data.train_labels
+    if cfg.feature_train_size:
+        per = max(1, cfg.feature_train_size // spec.num_classes)
+        g = torch.Generator(device=ctx.generator.device)
+        g.manual_seed(ctx.seed)
+        idx = ctx.index.sample(min(per, ctx.index.min_count), g).reshape(-1)
+        x, y = x[idx], y[idx]
+    tcfg = TrainConfig(epochs=cfg.feature_epochs, lr=cfg.feature_lr, lr_decay_at=1.0)
+    log.info("training the feature network (%s, %d epochs on %d images)", cfg.feature_model,
+             cfg.feature_epochs, x.shape[0])
+    ens = train_classifiers(make, x, y, [ctx.seed], tcfg, vectorize=False)
+    model = ens.models[0].eval()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        atomic_write_bytes(path, tmp.read_bytes())
+        tmp.unlink()
+    return model
+
+
+@torch.no_grad()
+def embed_all(model: nn.Module, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """``(N, D)`` embeddings of ``images`` ``(N,C,H,W)``."""
+    model.eval()
+    return torch.cat([model.embed(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
+
+
+def herding_select(feats: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy herding: indices (k,) whose running mean tracks the mean of ``feats`` (N, D)."""
+    mu = feats.mean(0)
+    chosen: list[int] = []
+    running = torch.zeros_like(mu)
+    available = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
+    for t in range(k):
+        cand = (running.unsqueeze(0) + feats) / (t + 1)
+        dist = (cand - mu).pow(2).sum(1)
+        dist[~available] = float("inf")
+        i = int(dist.argmin())
+        chosen.append(i)
+        available[i] = False
+        running += feats[i]
+    return torch.tensor(chosen, device=feats.device)
+
+
+def kcenter_select(feats: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy k-center: start at the point nearest the mean, then add the farthest point."""
+    mu = feats.mean(0, keepdim=True)
+    first = int(torch.cdist(feats, mu).squeeze(1).argmin())
+    chosen = [first]
+    mind = torch.cdist(feats, feats[first:first + 1]).squeeze(1)
+    for _ in range(1, k):
+        i = int(mind.argmax())
+        chosen.append(i)
+        mind = torch.minimum(mind, torch.cdist(feats, feats[i:i + 1]).squeeze(1))
+    return torch.tensor(chosen, device=feats.device)
+
+
+class _EmbeddingSelection(Synthesizer):
+    Config = FeatureNetConfig
+    select = staticmethod(herding_select)
+
+    def init_set(self) -> SyntheticSet:
+        ctx = self.ctx
+        model = trained_feature_net(ctx, self.cfg)
+        picked = []
+        for c in range(ctx.spec.num_classes):
+            idx_c = ctx.index.indices_of(c)
+            feats = embed_all(model, ctx.data.train_images[idx_c], self.cfg.embed_batch)
+            picked.append(idx_c[type(self).select(feats, ctx.ipc)])
+        idx = torch.cat(picked)
+        syn = new_synthetic_set(ctx, ctx.data.train_images[idx].clone(), self.name, self.config_dict())
+        syn.meta.extra["selected_indices"] = idx.cpu().tolist()
+        return syn
+
+
+@register_synthesizer("herding")
+class Herding(_EmbeddingSelection):
+    select = staticmethod(herding_select)
+
+
+@register_synthesizer("kcenter")
+class KCenter(_EmbeddingSelection):
+    select = staticmethod(kcenter_select)
+
+
+def config_fields(cls: type[Synthesizer]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls.Config)]

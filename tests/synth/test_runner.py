@@ -1,0 +1,122 @@
+import json
+import os
+import signal
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from condense.errors import ConfigError, NonFiniteError
+from condense.synth._matching import ImageOptimizerMixin, init_images, new_synthetic_set
+from condense.synth.base import Synthesizer
+from condense.synth.runner import Callback, RunConfig, RunInterrupted, run
+
+
+class Toy(ImageOptimizerMixin, Synthesizer):
+    """Pulls the images towards random real batches: uses the generator and momentum state."""
+
+    name = "toy"
+
+    @dataclass
+    class Config:
+        iterations: int = 6
+        lr: float = 0.1
+        nan_at: int = -1
+        signal_at: int = -1
+
+    def init_set(self):
+        syn = new_synthetic_set(self.ctx, init_images(self.ctx, "noise"), self.name, {})
+        self.make_image_optimizer(syn, self.cfg.lr, 0.5)
+        return syn
+
+    def step(self, syn, it):
+        real = self.ctx.index.gather(self.ctx.data.train_images, 3, self.ctx.generator).mean(1)
+        target = real.repeat_interleave(self.ctx.ipc, 0)
+        loss = (syn.images - target).pow(2).mean()
+        if it == self.cfg.nan_at:
+            loss = loss * float("nan")
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        if it == self.cfg.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"loss": loss.item()}
+
+    def state_dict(self):
+        return self.optimizer_state()
+
+    def load_state_dict(self, state):
+        self.load_optimizer_state(state)
+
+
+def _toy(tiny_data, **cfg):
+    from tests.conftest import make_ctx
+
+    return Toy(Toy.Config(**cfg), make_ctx(tiny_data, seed=5))
+
+
+def test_runs_all_iterations_and_logs(tiny_data, tmp_path):
+    res = run(_toy(tiny_data), RunConfig(run_dir=tmp_path, progress=False))
+    assert res.iterations_done == 6 and res.stopped_by == "iterations"
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["it"] for x in lines] == [1, 2, 3, 4, 5, 6] and all("loss" in x for x in lines)
+    assert not res.syn.images.requires_grad
+
+
+def test_deadline_stops_cleanly(tiny_data, monkeypatch):
+    import condense.synth.runner as runner
+
+    clock = iter(range(0, 1000, 10))  # every perf_counter call advances 10 s
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: float(next(clock)))
+    res = run(_toy(tiny_data, iterations=100), RunConfig(max_seconds=45, progress=False))
+    assert res.stopped_by == "deadline" and 0 < res.iterations_done < 100
+    assert res.info()["iterations_planned"] == 100
+
+
+def test_resume_equals_uninterrupted(tiny_data, tmp_path):
+    full = run(_toy(tiny_data), RunConfig(run_dir=tmp_path / "a", ckpt_every=2, progress=False))
+    # a run that got to iteration 4 (its checkpoint), then died
+    part = _toy(tiny_data, iterations=4)
+    run(part, RunConfig(run_dir=tmp_path / "b", ckpt_every=2, progress=False))
+    resumed = run(_toy(tiny_data), RunConfig(run_dir=tmp_path / "b", ckpt_every=2, resume=True, progress=False))
+    assert resumed.iterations_done == 6
+    assert torch.equal(full.syn.images, resumed.syn.images)
+    its = [json.loads(x)["it"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert its == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_stops_with_iteration_and_keeps_checkpoint(tiny_data, tmp_path):
+    with pytest.raises(NonFiniteError, match="iteration 4") as e:
+        run(_toy(tiny_data, nan_at=3), RunConfig(run_dir=tmp_path, ckpt_every=2, progress=False))
+    assert "checkpoint" in str(e.value)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["iteration"] == 2 and torch.isfinite(state["images"]).all()
+
+
+def test_signal_writes_checkpoint_and_resume_finishes(tiny_data, tmp_path):
+    with pytest.raises(RunInterrupted) as e:
+        run(_toy(tiny_data, signal_at=2), RunConfig(run_dir=tmp_path, progress=False))
+    assert e.value.iteration == 3 and e.value.signum == signal.SIGTERM
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["iteration"] == 3
+    res = run(_toy(tiny_data), RunConfig(run_dir=tmp_path, resume=True, progress=False))
+    full = run(_toy(tiny_data), RunConfig(run_dir=tmp_path / "x", progress=False))
+    assert torch.equal(res.syn.images, full.syn.images)
+
+
+def test_callbacks_observe(tiny_data):
+    seen = []
+
+    class Spy(Callback):
+        def on_step(self, it, metrics, syn):
+            seen.append(it)
+            return {"extra": 1.0}
+
+    run(_toy(tiny_data, iterations=3), RunConfig(progress=False, callbacks=[Spy()]))
+    assert seen == [1, 2, 3]
+
+
+def test_bad_run_config():
+    with pytest.raises(ConfigError, match="max_seconds"):
+        RunConfig(max_seconds=0)
+    with pytest.raises(ConfigError, match="iterations"):
+        RunConfig(iterations=-1)
