@@ -149,6 +149,8 @@ def eval_config(cfg: DictConfig) -> EvalConfig:
         node["num_models"] = beval.get("num_models", 3)
     if node.get("dsa") is None:
         node["dsa"] = beval.get("dsa", True)
+    if node.get("test_size") is None:
+        node["test_size"] = beval.get("test_size", 0)
     if node.get("epochs") is None:
         ep = beval.get("epochs", {})
         ep = ep.get(f"ipc{cfg.ipc}", ep.get("default")) if isinstance(ep, dict) else ep

@@ -108,7 +108,7 @@ def _remove_if_empty(path: Path) -> None:
 
 
 def result_record(cfg: Any, built: dict[str, Any], result_info: dict[str, Any], report: Any,
-                  device: Any) -> dict[str, Any]:
+                  device: Any, run_dir: Path | None = None) -> dict[str, Any]:
     """The benchmark-format record of DESIGN.md for one run."""
     from condense.cli.build import to_plain
     from condense.provenance import code_version, machine_info
@@ -130,8 +130,20 @@ def result_record(cfg: Any, built: dict[str, Any], result_info: dict[str, Any], 
                     "stopped_by": result_info["stopped_by"]},
         "eval": None if report is None else {"protocol": report.protocol, "runs": report.runs,
                                              "summary": report.summary, "wall_s": round(report.wall_s, 3)},
-        "command": "condense " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": _job_command(),
+        "run_dir": str(run_dir.resolve()) if run_dir is not None else None,
     }
+
+
+def _job_command() -> str:
+    """The command that reproduces THIS job (a multirun job's own overrides, not the sweep)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        task = sys.argv[1:]
+    return "condense " + " ".join(shlex.quote(a) for a in task)
 
 
 def distil(cfg: Any, run_dir: Path) -> dict[str, Any]:
@@ -173,7 +185,7 @@ def distil(cfg: Any, run_dir: Path) -> dict[str, Any]:
     if evaluator is not None:
         report = evaluator.evaluate(syn)
     save_synset(syn, run_dir, eval_recipe=None if report is None else report.protocol)
-    record = result_record(cfg, built, result.info(), report, device)
+    record = result_record(cfg, built, result.info(), report, device, run_dir)
     if report is not None:
         write_eval_json(report, run_dir / "eval.json", method=record["method"], dataset=record["dataset"],
                         ipc=record["ipc"], artifact=str(run_dir))
@@ -222,6 +234,9 @@ def main() -> None:
     """Console script ``condense``."""
     import hydra
 
+    from condense.runtime import keep_freed_memory
+
+    keep_freed_memory()
     argv = sys.argv[1:]
     if not any(a in ("-h", "--help", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--cfg")
                for a in argv):
@@ -276,6 +291,9 @@ def eval_main() -> None:
     """Console script ``condense-eval artifact=DIR [eval.epochs=...] [budget=...]``."""
     import hydra
 
+    from condense.runtime import keep_freed_memory
+
+    keep_freed_memory()
     argv = sys.argv[1:]
     if not any(a.startswith("-") for a in argv):
         try:

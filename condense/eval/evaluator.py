@@ -53,6 +53,7 @@ class EvalConfig:
     use_learned_lr: bool = True
     select_lr: list[float] = field(default_factory=list)
     val_size: int = 5000
+    test_size: int = 0  # 0: the whole test split; else a fixed class-agnostic random subset (quick looks)
     vectorize: bool = True
     bf16: bool = False
     seed: int = 0
@@ -113,6 +114,15 @@ class Evaluator:
         idx = torch.randperm(n, generator=g)[: min(self.cfg.val_size, n)].to(self.device)
         return self.data.train_images[idx], self.data.train_labels[idx]
 
+    def _test_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data.test_images, self.data.test_labels
+        if not self.cfg.test_size or self.cfg.test_size >= x.shape[0]:
+            return x, y
+        g = torch.Generator()
+        g.manual_seed(104729)
+        idx = torch.randperm(x.shape[0], generator=g)[: self.cfg.test_size].to(x.device)
+        return x[idx], y[idx]
+
     def _select_lr(self, arch: str, images: torch.Tensor, targets: torch.Tensor) -> tuple[float, dict]:
         vx, vy = self._val_split()
         scores = {}
@@ -149,7 +159,8 @@ class Evaluator:
             ens = train_classifiers(self._make_model(arch), images, targets, seeds,
                                     self._train_cfg(float(lr)), augment=self._augment_fn(),
                                     vectorize=c.vectorize)
-            accs = ensemble_accuracy(ens, self.data.test_images, self.data.test_labels, bf16=c.bf16)
+            tx, ty = self._test_split()
+            accs = ensemble_accuracy(ens, tx, ty, bf16=c.bf16)
             for s, a in zip(seeds, accs):
                 runs.append({"arch": arch, "seed": s, "epochs": c.epochs, "lr": float(lr),
                              "test_acc": round(a, 4)})
@@ -160,6 +171,8 @@ class Evaluator:
             }
             log.info("eval %s: %.2f +- %.2f (n=%d)", arch, summary[arch]["mean"], summary[arch]["std"], len(accs))
         protocol = {**dataclasses.asdict(c), "train_size": int(images.shape[0]),
+                    "test_images": int(self._test_split()[0].shape[0]),
+                    "lr_decay_at": self._train_cfg(c.lr).lr_decay_at, "lr_decay_factor": 0.1,
                     "labels": "soft" if targets.dim() == 2 else "hard",
                     "learned_lr": learned_lr, "lr_selection": selection or None,
                     "dsa_strategy": self._augment.strategy if self._augment is not None else None}

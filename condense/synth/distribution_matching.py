@@ -8,7 +8,15 @@ batch of every class drawn at once ``(K, B, C, H, W)``; FYI flip / siamese DSA v
 distances of the means; one SGD step on the images.
 
 DataDAM is :class:`DistributionMatching` plus spatial attention maps of intermediate feature
-maps, captured by :func:`condense.ops.features.capture_features` in the same two forwards.
+maps, captured by :func:`condense.ops.features.capture_features` in the same two forwards. As
+the official code: the maps of every block but the last, taken before the block's pooling (its
+ReLU outputs), loss ``100 * (attention term + 0.01 * embedding term)``. The attention exponent
+defaults to the paper's p = 4 (the released code passes 1); both are one config value away.
+
+Speed levers (measured in ``benchmarks/perf/distribution_matching.py``): the batched step does
+the same arithmetic as a per-class loop, so on a CPU its gain is the per-call overhead only;
+``bf16`` (autocast) and ``compile`` (``torch.compile`` of the real forward, which fuses the
+memory-bound norm / activation / pooling) are the opt-in levers.
 
 Network mode. As both reference implementations, the network stays in train mode. With
 instance/group/layer norm (the default ConvNet) every image is normalised on its own, so the
@@ -49,7 +57,7 @@ from condense.synth._matching import (
     new_synthetic_set,
     siamese_views,
 )
-from condense.synth.base import Synthesizer, SynthContext, register_synthesizer
+from condense.synth.base import SynthContext, Synthesizer, register_synthesizer
 from condense.types import SyntheticSet
 
 log = logging.getLogger(__name__)
@@ -97,6 +105,26 @@ def feature_means(
     return [group_means(emb, groups)] + [group_means(f, groups) for f in feats]
 
 
+def _embed_means(model: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(G*N, C, H, W)`` -> ``(G, D)`` per-class mean embeddings (one forward)."""
+    return group_means(model.embed(x), groups)
+
+
+_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def compiled_embed_means() -> Callable[[nn.Module, torch.Tensor, int], torch.Tensor]:
+    """:func:`_embed_means` through ``torch.compile`` (built once per process, lazily).
+
+    The network is an argument, so a fresh network of the same architecture and the same
+    input shape reuse the compiled code (parameters are graph inputs); the first call compiles
+    (tens of seconds on a CPU).
+    """
+    if "embed_means" not in _COMPILED:
+        _COMPILED["embed_means"] = torch.compile(_embed_means, dynamic=False)
+    return _COMPILED["embed_means"]
+
+
 def real_feature_means(
     model: nn.Module,
     real: torch.Tensor,
@@ -123,7 +151,7 @@ def real_feature_means(
             )
             for r in real.split(step, dim=0)
         ]
-    return [torch.cat(p, dim=0) for p in zip(*parts)] if len(parts) > 1 else parts[0]
+    return [torch.cat(p, dim=0) for p in zip(*parts, strict=True)] if len(parts) > 1 else parts[0]
 
 
 def dm_loss(
@@ -133,6 +161,7 @@ def dm_loss(
     *,
     bf16: bool = False,
     chunk_classes: int = 0,
+    compile: bool = False,
 ) -> dict[str, torch.Tensor]:
     """DM loss ``sum_k || mean embed(real_k) - mean embed(syn_k) ||^2`` (batched over classes).
 
@@ -142,13 +171,21 @@ def dm_loss(
         syn: ``(K, S, C, H, W)`` synthetic views (on the images' autograd graph).
         bf16: run both forwards under bfloat16 autocast (means and distance in float32).
         chunk_classes: classes per real forward (0 = all at once).
+        compile: run the real forward through :func:`compiled_embed_means` (fuses the
+            memory-bound norm/activation/pool ops; same result up to float rounding).
 
     Returns:
         ``{"loss": 0-d tensor}``.
     """
     k = real.shape[0]
     with autocast_ctx(real.device, bf16):
-        (r_emb,) = real_feature_means(model, real, chunk_classes=chunk_classes)
+        if compile:
+            fn = compiled_embed_means()
+            step = k if chunk_classes <= 0 else chunk_classes
+            with torch.no_grad():
+                r_emb = torch.cat([fn(model, r.flatten(0, 1), r.shape[0]) for r in real.split(step)])
+        else:
+            (r_emb,) = real_feature_means(model, real, chunk_classes=chunk_classes)
         (s_emb,) = feature_means(model, syn.flatten(0, 1), k)
     return {"loss": mean_sq_distance(r_emb, s_emb)}
 
@@ -194,7 +231,7 @@ def datadam_loss(
         )
         s = feature_means(model, syn.flatten(0, 1), k, modules=modules, transform=att)
     embed_term = mean_sq_distance(r[0], s[0])
-    attn_term = sum((mean_sq_distance(a, b) for a, b in zip(r[1:], s[1:])), embed_term.new_zeros(()))
+    attn_term = sum((mean_sq_distance(a, b) for a, b in zip(r[1:], s[1:], strict=True)), embed_term.new_zeros(()))
     loss = factor * (attn_term + lambda_mmd * embed_term)
     return {"loss": loss, "loss_attention": attn_term, "loss_embed": embed_term}
 
@@ -219,6 +256,8 @@ class DMConfig:
         bf16: bfloat16 autocast for the network forwards.
         chunk_classes: classes per real forward, 0 = all classes in one forward (memory bound;
             with BatchNorm networks it changes batch statistics to per-chunk ones).
+        compile: ``torch.compile`` the real-image forward (DM only; the first iteration pays
+            the compilation, tens of seconds on a CPU).
     """
 
     iterations: int = 20000
@@ -230,6 +269,7 @@ class DMConfig:
     dsa: bool = True
     bf16: bool = False
     chunk_classes: int = 0
+    compile: bool = False
 
 
 @register_synthesizer("dm")
@@ -346,7 +386,12 @@ class DistributionMatching(ImageOptimizerMixin, Synthesizer):
     ) -> dict[str, torch.Tensor]:
         """Loss terms for one draw (``"loss"`` is minimised)."""
         return dm_loss(
-            model, real, syn, bf16=self.cfg.bf16, chunk_classes=self.cfg.chunk_classes
+            model,
+            real,
+            syn,
+            bf16=self.cfg.bf16,
+            chunk_classes=self.cfg.chunk_classes,
+            compile=self.cfg.compile,
         )
 
 
@@ -384,6 +429,11 @@ class AttentionMatching(DistributionMatching):
 
     def _validate(self, cfg: DataDAMConfig, ctx: SynthContext) -> None:
         super()._validate(cfg, ctx)
+        if cfg.compile:
+            raise ConfigError(
+                f"{self.name}: compile=true is not supported (its forward hooks would recompile "
+                "every iteration); valid: compile=false"
+            )
         if cfg.power <= 0 or cfg.lambda_mmd < 0 or cfg.factor <= 0:
             raise ConfigError(
                 f"{self.name}: invalid power={cfg.power}, lambda_mmd={cfg.lambda_mmd} or "

@@ -52,6 +52,7 @@ class FeatureNetConfig:
     feature_train_size: int = 0  # 0 = the whole training set, else a class-balanced subset
     feature_lr: float = 0.01
     embed_batch: int = 1024
+    pool_per_class: int = 0  # 0: select among every training image of the class; else a random pool
 
 
 def _cache_key(ctx: SynthContext, cfg: FeatureNetConfig) -> str:
@@ -147,8 +148,12 @@ class _EmbeddingSelection(Synthesizer):
         ctx = self.ctx
         model = trained_feature_net(ctx, self.cfg)
         picked = []
+        pool = None
+        if self.cfg.pool_per_class:
+            n = min(self.cfg.pool_per_class, ctx.index.min_count)
+            pool = ctx.index.sample(n, ctx.generator)  # (K, n)
         for c in range(ctx.spec.num_classes):
-            idx_c = ctx.index.indices_of(c)
+            idx_c = ctx.index.indices_of(c) if pool is None else pool[c]
             feats = embed_all(model, ctx.data.train_images[idx_c], self.cfg.embed_batch)
             picked.append(idx_c[type(self).select(feats, ctx.ipc)])
         idx = torch.cat(picked)

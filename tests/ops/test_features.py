@@ -108,7 +108,7 @@ def test_pre_pool_picks_the_layer_before_the_pool() -> None:
     assert pre_pool(lin) is lin
 
 
-@pytest.mark.parametrize("power", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("power", [1.0, 2.0, 3.0, 4.0, 6.0, 0.5])
 def test_attention_map_formula_and_unit_norm(power: float) -> None:
     f = torch.randn(5, 3, 4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     a = attention_map(f, power)

@@ -79,7 +79,7 @@ def _loop_loss(net, real, syn, *, datadam: bool, power: float = 4.0, lam: float 
             maps_r, emb_r = _blocks_forward(net, real[c])
         maps_s, emb_s = _blocks_forward(net, syn[c])
         emb = emb + ((emb_r.mean(0) - emb_s.mean(0)) ** 2).sum()
-        for fr, fs in zip(maps_r[:-1], maps_s[:-1]):
+        for fr, fs in zip(maps_r[:-1], maps_s[:-1], strict=True):
             attn = attn + ((_attention(fr, power).mean(0) - _attention(fs, power).mean(0)) ** 2).sum()
     return factor * (attn + lam * emb) if datadam else emb
 
@@ -121,6 +121,17 @@ def test_datadam_loss_equals_per_class_loop(power: float) -> None:
     )
     g_ref = _grad(_loop_loss(net, real, syn, datadam=True, power=power), syn)
     torch.testing.assert_close(_grad(datadam_loss(net, real, syn, **kw)["loss"], syn), g_ref)
+
+
+@pytest.mark.slow
+def test_compiled_real_pass_matches_eager() -> None:
+    net = models.create_model("convnet", 1, K, (28, 28), generator=gen(0), width=8).requires_grad_(False)
+    real, syn = (t.detach().float() for t in _draw())
+    syn.requires_grad_(True)
+    eager = dm_loss(net, real, syn)["loss"]
+    compiled = dm_loss(net, real, syn, compile=True, chunk_classes=3)["loss"]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_grad(compiled, syn), _grad(dm_loss(net, real, syn)["loss"], syn))
 
 
 def test_bf16_loss_close_to_fp32() -> None:
@@ -238,6 +249,8 @@ def test_config_validation_and_lr_by_ipc(real_data: RealData) -> None:
         DistributionMatching(DistributionMatching.Config(batch_real=0), _ctx(real_data))
     with pytest.raises(ConfigError, match="power"):
         AttentionMatching(AttentionMatching.Config(power=0), _ctx(real_data))
+    with pytest.raises(ConfigError, match="compile=true is not supported"):
+        AttentionMatching(AttentionMatching.Config(compile=True), _ctx(real_data))
     lr = lambda cls, ipc: cls(cls.Config(), _ctx(real_data, ipc=ipc)).cfg.lr_img  # noqa: E731
     assert (lr(DistributionMatching, 50), lr(DistributionMatching, 100)) == (1.0, 10.0)
     assert (lr(AttentionMatching, 50), lr(AttentionMatching, 51)) == (1.0, 10.0)

@@ -1,0 +1,250 @@
+"""Time one DC matching step: condense's implementation vs a straightforward per-class loop.
+
+Setting: ConvNet-3 (width 128), Fashion-MNIST (random 1x28x28 tensors if the files are not on
+this machine), ipc 10, batch_real 256, no augmentation (DC). One timed call = one outer-loop
+matching step on a fresh network: draw the real batch of every class, per-class gradients of
+the real batch (no graph) and of the synthetic images (with graph), the ``ours`` distance summed
+over classes, one SGD step on the images.
+
+- ours: ``GradientMatching.match_step`` (``condense.ops.per_class_grads`` with ``impl=auto``,
+  i.e. ``loop`` on CPU; 1-D weights skipped as ``ours`` ignores them; image gradient only).
+- baseline (written here): the reference ``main.py`` structure — for each class, forward the real
+  batch, ``torch.autograd.grad``, forward the synthetic images, ``autograd.grad(create_graph=True)``,
+  the reference's layer-wise distance over all weights; then ``loss.backward()`` and a step.
+- ours_bf16: ours under bfloat16 autocast. ours_vmap (not with ``--quick``): ``impl=vmap``.
+
+Both draw the same network and real batch from a generator in the same state, so their losses
+must agree (checked). Variants are timed alternately in one process; medians of the repeats.
+Also reported: one inner-loop epoch at this ipc (network SGD on the synthetic set, DSA on), the
+other cost of an outer iteration at ipc >= 10.
+
+    python benchmarks/perf/gradient_matching.py --quick --out benchmarks/results/perf/gm_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from condense.augment import DSA, default_strategy
+from condense.data import ClassIndex
+from condense.errors import CondenseError
+from condense.ops import matching_params
+from condense.provenance import code_version, machine_info, write_json_atomic
+from condense.synth.base import SynthContext
+from condense.synth.gradient_matching import DSAGradientMatching, GradientMatching
+from condense.types import DatasetSpec, RealData, SyntheticSet
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_data(name: str) -> tuple[RealData, str]:
+    """The dataset if its files are here (never downloads), else random tensors of its shape."""
+    try:
+        from condense.data import build_dataset
+
+        return build_dataset(name, allow_download=False), name
+    except (CondenseError, OSError, ImportError) as err:
+        logging.warning("%s not available (%s); using random 1x28x28 tensors", name, err)
+    k, per_class = 10, 600
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(k * per_class, 1, 28, 28, generator=g)
+    y = torch.arange(k).repeat_interleave(per_class)
+    spec = DatasetSpec("random", 1, (28, 28), k, tuple(map(str, range(k))), (0.0,), (1.0,))
+    return RealData(spec, x, y, x[:10], y[:10]), "random"
+
+
+def keep_freed_memory() -> bool:
+    """glibc only: never return large freed blocks to the OS (no mmap/munmap per tensor)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
+
+
+def make_ctx(data: RealData, args: argparse.Namespace, seed: int, augment: bool = False) -> SynthContext:
+    return SynthContext(
+        data=data,
+        index=ClassIndex(data.train_labels, data.spec.num_classes),
+        ipc=args.ipc,
+        seed=seed,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(seed),
+        model_name="convnet",
+        model_kwargs={"width": args.width},
+        augment=DSA(strategy=default_strategy(data.spec.name)) if augment else None,
+    )
+
+
+def reference_distance(gr: list[torch.Tensor], gs: list[torch.Tensor]) -> torch.Tensor:
+    """The reference's ``match_loss`` with ``ours``: per weight, per output row, 1 - cosine."""
+    dis = gs[0].new_zeros(())
+    for a, b in zip(gr, gs):
+        if a.dim() == 1:
+            continue  # biases / norm weights: 0 in the reference
+        a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        dis = dis + (1 - (a2 * b2).sum(-1) / (a2.norm(dim=-1) * b2.norm(dim=-1) + 1e-6)).sum()
+    return dis
+
+
+class PerClassLoop:
+    """The baseline: the reference's per-class loop, drawing what ``match_step`` draws."""
+
+    def __init__(self, ctx: SynthContext, batch_real: int, images: torch.Tensor, lr: float) -> None:
+        self.ctx, self.batch_real = ctx, batch_real
+        self.images = images.detach().clone().requires_grad_(True)
+        self.opt = torch.optim.SGD([self.images], lr=lr, momentum=0.5)
+
+    def step(self) -> float:
+        ctx = self.ctx
+        k, ipc = ctx.spec.num_classes, ctx.ipc
+        net = ctx.make_model().train()
+        plist = list(net.parameters())
+        real = ctx.index.gather(ctx.data.train_images, self.batch_real, ctx.generator)
+        loss = self.images.new_zeros(())
+        for c in range(k):
+            lab_real = torch.full((real.shape[1],), c, dtype=torch.long)
+            gw_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(real[c]), lab_real), plist)]
+            img_syn = self.images[c * ipc : (c + 1) * ipc]
+            lab_syn = torch.full((ipc,), c, dtype=torch.long)
+            gw_syn = torch.autograd.grad(F.cross_entropy(net(img_syn), lab_syn), plist, create_graph=True)
+            loss = loss + reference_distance(gw_real, gw_syn)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return float(loss.item())
+
+
+def ours_step(synth: GradientMatching, syn: SyntheticSet) -> float:
+    model = synth.ctx.make_model().train()
+    return float(synth.match_step(model, matching_params(model, synth.cfg.dis_metric), syn))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def inner_epoch_time(data: RealData, args: argparse.Namespace, repeats: int) -> float:
+    """Median seconds of one inner epoch (DSA on) on the ipc-sized synthetic set."""
+    synth = DSAGradientMatching(
+        DSAGradientMatching.Config(outer_loop=2, inner_loop=1), make_ctx(data, args, 5, augment=True)
+    )
+    syn = synth.init_set()
+    model = synth.ctx.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    synth.train_network(model, opt, syn)  # warm-up
+    return statistics.median(timed(lambda: synth.train_network(model, opt, syn)) for _ in range(repeats))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="batch_real 64, 2 repeats, no vmap variant (under a minute on 2 cores)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 5, quick 2)")
+    ap.add_argument("--ipc", type=int, default=10)
+    ap.add_argument("--batch-real", type=int, default=None, help="default 256 (quick: 64)")
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--dataset", default="fashion_mnist")
+    ap.add_argument("--no-vmap", action="store_true", help="skip the impl=vmap variant")
+    ap.add_argument("--keep-heap", action="store_true",
+                    help="glibc: keep freed memory for reuse instead of unmapping it")
+    ap.add_argument("--out", type=Path, default=None, help="where to write the perf JSON")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    heap_kept = keep_freed_memory() if args.keep_heap else False
+    repeats = args.repeats or (2 if args.quick else 5)
+    batch_real = args.batch_real or (64 if args.quick else 256)
+    with_vmap = not (args.quick or args.no_vmap)
+
+    data, data_name = load_data(args.dataset)
+    base_cfg = {"batch_real": batch_real, "outer_loop": 1, "inner_loop": 0}
+    variants = {
+        "ours": GradientMatching(GradientMatching.Config(**base_cfg), make_ctx(data, args, 0)),
+        "ours_bf16": GradientMatching(GradientMatching.Config(**base_cfg, bf16=True), make_ctx(data, args, 0)),
+    }
+    if with_vmap:  # 2 classes per vectorised call bounds memory (~1.5 GB at batch_real 256)
+        variants["ours_vmap"] = GradientMatching(
+            GradientMatching.Config(**base_cfg, grad_impl="vmap", chunk_classes=2), make_ctx(data, args, 0)
+        )
+    sets = {name: s.init_set() for name, s in variants.items()}
+    base = PerClassLoop(make_ctx(data, args, 0), batch_real, sets["ours"].images, 0.1)
+
+    # -- same draw, same loss (also the warm-up of every variant) ------------------------------
+    state = base.ctx.generator.get_state()
+    for s in variants.values():
+        s.ctx.generator.set_state(state)
+    check = {name: ours_step(s, sets[name]) for name, s in variants.items()}
+    check["baseline"] = base.step()
+    rel = abs(check["ours"] - check["baseline"]) / abs(check["baseline"])
+    rel_bf16 = abs(check["ours_bf16"] - check["ours"]) / abs(check["ours"])
+    print(f"loss same draw: ours {check['ours']:.6f}  loop {check['baseline']:.6f}  (rel {rel:.2e}); "
+          f"bf16 {check['ours_bf16']:.6f} (rel {rel_bf16:.2e})")
+    assert rel < 1e-4, f"ours and the per-class loop differ: {check}"
+    torch.testing.assert_close(sets["ours"].images.detach(), base.images.detach(), rtol=1e-4, atol=1e-5)
+
+    # -- alternate the variants, medians -------------------------------------------------------
+    runs: dict[str, Callable[[], object]] = {"baseline": base.step}
+    for name, synth in variants.items():
+        runs[name] = lambda synth=synth, syn=sets[name]: ours_step(synth, syn)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for r in range(repeats):
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            times[name].append(timed(runs[name]))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    print("median s/matching step: " + ", ".join(f"{n} {t:.3f}" for n, t in med.items()))
+    inner = inner_epoch_time(data, args, repeats)
+    print(f"one inner epoch (ipc {args.ipc}, DSA): {inner:.3f} s")
+
+    ratio = med["baseline"] / med["ours"]
+    ratios = {name: med["baseline"] / t for name, t in med.items() if name != "baseline"}
+    print("ratio baseline/variant: " + ", ".join(f"{n} {r:.2f}x" for n, r in ratios.items()))
+    result: dict[str, Any] = {
+        "schema": 1,
+        "kind": "perf",
+        "name": "gradient_matching_dc_match_step",
+        "ours_s": med["ours"],
+        "baseline_s": med["baseline"],
+        "ratio": ratio,
+        "baseline": (
+            "reference main.py structure written in this script: per class, forward + "
+            "autograd.grad on the real batch, forward + autograd.grad(create_graph) on the "
+            "synthetic images, layer-wise distance over all weights, then loss.backward() and "
+            "an SGD step; one call = one matching step on a fresh ConvNet-3"
+        ),
+        "variants": {name: {"median_s": med[name], "ratio": ratios[name], "times_s": times[name]}
+                     for name in ratios},
+        "baseline_times_s": times["baseline"],
+        "inner_epoch_s": inner,
+        "setting": {"dataset": data_name, "model": "convnet", "width": args.width, "ipc": args.ipc,
+                    "batch_real": batch_real, "classes": data.spec.num_classes, "repeats": repeats,
+                    "dis_metric": "ours", "heap_kept": heap_kept, "quick": args.quick},
+        "loss_check": {"ours": check["ours"], "baseline": check["baseline"], "rel_diff": rel,
+                       "bf16_rel_diff": rel_bf16},
+        "machine": machine_info("cpu"),
+        "code_version": code_version(),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv]),
+    }
+    if args.out:
+        write_json_atomic(args.out, result)
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

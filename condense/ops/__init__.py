@@ -1,0 +1,28 @@
+"""Numerical building blocks shared by the methods.
+
+- :mod:`condense.ops.grads` per-class / per-sample gradients (``torch.func``), BatchNorm freezing.
+- :mod:`condense.ops.distances` distances between per-class gradients (DC/DSA).
+- :mod:`condense.ops.features` forward-hook feature capture, attention maps (DataDAM).
+- :mod:`condense.ops.mmd` class-wise mean-embedding distances (DM).
+"""
+
+from condense.ops.distances import METRICS, gradient_distance
+from condense.ops.grads import (
+    IMPLS,
+    freeze_bn_stats,
+    matching_params,
+    per_class_grads,
+    per_sample_grads,
+    resolve_impl,
+)
+
+__all__ = [
+    "IMPLS",
+    "METRICS",
+    "freeze_bn_stats",
+    "gradient_distance",
+    "matching_params",
+    "per_class_grads",
+    "per_sample_grads",
+    "resolve_impl",
+]

@@ -1,0 +1,359 @@
+"""The leaderboard: result files -> Markdown (+ figures) and one self-contained HTML page.
+
+Everything shown is computed from the result files alone (plus the hand-entered published numbers
+of :mod:`condense.report.published`). Results of different budgets never share a table: there is
+one section per dataset x budget, and its references (whole data, random subset) must come from
+the same budget, else the score cells show "—".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from condense.report import plots
+from condense.report.document import Code, Comment, Document, Heading, Image, Paragraph, Table
+from condense.report.document import to_html as render_html
+from condense.report.document import to_markdown as render_markdown
+from condense.report.published import SOURCE as PUBLISHED_SOURCE
+from condense.report.published import published_rows, published_value
+from condense.report.records import WHOLE, Cell, CellKey, Results, aggregate, load_results
+from condense.report.scores import FORMULA as SCORE_FORMULA
+from condense.report.scores import LRS_WEIGHT, hlr, ior, lrs
+
+log = logging.getLogger(__name__)
+
+DASH = "—"
+DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10",
+                 "cifar100": "CIFAR-100", "svhn": "SVHN", "tiny_imagenet": "Tiny ImageNet"}
+METHOD_ORDER = ("random", "herding", "kcenter", "dc", "dsa", "dm", "datadam", "mtt", "ftd", "tesla",
+                "datm", "sre2l", "cda")
+
+
+def _order(label: str) -> tuple[int, str]:
+    base, _, flip = label.partition("+")
+    idx = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+    return (idx, base + ("1" if flip else "0"))
+
+
+def fmt_acc(cell: Cell | None) -> str:
+    """``"82.31 ± 0.45 (3)"`` (mean ± std over n models), or "—"."""
+    return DASH if cell is None else f"{cell.mean:.2f} ± {cell.std:.2f} ({cell.n})"
+
+
+def fmt_num(x: float | None, digits: int = 2, signed: bool = False) -> str:
+    if x is None:
+        return DASH
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.+-]", "_", name)
+
+
+@dataclass
+class Section:
+    """One dataset x budget: its cells and references."""
+
+    dataset: str
+    budget: str
+    cells: dict[CellKey, Cell]  # synthetic / selection cells (no whole data)
+    whole: Cell | None
+    other_whole: list[Cell] = field(default_factory=list)  # whole-data cells of other budgets
+
+    @property
+    def title(self) -> str:
+        return f"{DATASET_NAMES.get(self.dataset, self.dataset)} — budget `{self.budget}`"
+
+    @property
+    def ipcs(self) -> list[int]:
+        return sorted({k.ipc for k in self.cells if k.ipc is not None})
+
+    @property
+    def labels(self) -> list[str]:
+        return sorted({k.label for k in self.cells}, key=_order)
+
+    def cell(self, label: str, ipc: int) -> Cell | None:
+        method, _, flip = label.partition("+")
+        return self.cells.get(CellKey(self.dataset, self.budget, method, bool(flip), ipc))
+
+    def random(self, ipc: int) -> Cell | None:
+        return self.cell("random", ipc)
+
+
+def sections(cells: dict[CellKey, Cell]) -> list[Section]:
+    """Split cells into dataset x budget sections, attaching the same-budget whole-data reference."""
+    wholes: dict[str, list[Cell]] = defaultdict(list)
+    groups: dict[tuple[str, str], dict[CellKey, Cell]] = defaultdict(dict)
+    for key, cell in cells.items():
+        if key.method == WHOLE:
+            wholes[key.dataset].append(cell)
+        else:
+            groups[(key.dataset, key.budget)][key] = cell
+    out = []
+    for (dataset, budget), group in sorted(groups.items()):
+        same = [w for w in wholes[dataset] if w.key.budget == budget]
+        out.append(Section(dataset, budget, group, same[0] if same else None,
+                           [w for w in wholes[dataset] if w.key.budget != budget]))
+    return out
+
+
+def _values(recs: list[dict[str, Any]], getter) -> list[Any]:  # noqa: ANN001
+    seen: list[Any] = []
+    for r in recs:
+        v = getter(r)
+        if v is not None and v not in seen:
+            seen.append(v)
+    return seen
+
+
+def _join(vals: list[Any]) -> str:
+    return " or ".join(str(v) for v in vals) if vals else "?"
+
+
+def protocol_text(recs: list[dict[str, Any]]) -> str:
+    """One paragraph describing the evaluation protocol of ``recs`` (from their ``eval.protocol``)."""
+    protos = [(r, (r.get("eval") or {}).get("protocol") or {}) for r in recs]
+    get = lambda key: _values([p for _, p in protos], lambda p: p.get(key))  # noqa: E731
+    archs = _values([p for _, p in protos], lambda p: ", ".join(p.get("archs") or []) or None)
+    by_ipc: dict[Any, list[Any]] = defaultdict(list)
+    for r, p in protos:
+        if p.get("epochs") is not None and p["epochs"] not in by_ipc[r.get("ipc")]:
+            by_ipc[r.get("ipc")].append(p["epochs"])
+    epochs = "; ".join(f"{_join(v)} at ipc {k}" for k, v in sorted(by_ipc.items(), key=lambda kv: kv[0] or 0)
+                       if k is not None)
+    dsa = get("dsa")
+    strategies = get("dsa_strategy")
+    aug = ("DSA augmentation during training" + (f" (strategy {_join(strategies)})" if strategies else "")
+           if dsa == [True] else "no augmentation during training" if dsa == [False]
+           else f"DSA during training: {_join(dsa)}")
+    decay = _join(get("lr_decay_at") or [0.5])
+    lr_sel = [p.get("lr_selection") for _, p in protos if p.get("lr_selection")]
+    learned = [p.get("learned_lr") for _, p in protos if p.get("learned_lr") is not None]
+    lr_text = f"lr {_join(get('lr'))}"
+    if learned:
+        lr_text += " (or the set's learned lr where it has one)"
+    if lr_sel:
+        lr_text += " (chosen per set on a held-out split of real training images)"
+    return (f"Each set trains {_join(get('num_models'))} fresh model(s) of {_join(archs)} from scratch: "
+            f"SGD {lr_text}, momentum {_join(get('momentum'))}, weight decay {_join(get('weight_decay'))}, "
+            f"batch {_join(get('batch_size'))}, lr ×0.1 once at {decay} of the epochs; {aug}; "
+            f"epochs: {epochs or _join(get('epochs'))}; {_join(get('labels'))} labels; test accuracy on "
+            f"{_join(get('test_images'))} test images, mean ± std over the models (pooled over seeds).")
+
+
+def machine_lines(recs: list[dict[str, Any]]) -> list[str]:
+    """Machine and code-version summary lines with record counts."""
+    machines: Counter[str] = Counter()
+    codes: Counter[str] = Counter()
+    for r in recs:
+        m = r.get("machine") or {}
+        desc = ", ".join(str(x) for x in (
+            m.get("gpu") or m.get("cpu"), f"{m.get('cores')} cores" if m.get("cores") else None,
+            f"device {m.get('device')}" if m.get("device") else None,
+            f"torch {m.get('torch')}" if m.get("torch") else None) if x)
+        machines[desc or "unknown"] += 1
+        c = r.get("code_version") or {}
+        sha = c.get("git_sha")
+        codes[(f"`{sha[:10]}`" if sha else "unknown") + (" (uncommitted changes)" if c.get("dirty") else "")] += 1
+    return ([f"Machine: {k} — {v} record(s)." for k, v in machines.most_common()]
+            + [f"Code version: {k} — {v} record(s)." for k, v in codes.most_common()])
+
+
+def accuracy_table(sec: Section) -> Table:
+    """method x ipc: ours ("mean ± std (n)") next to the published number."""
+    header = ["method"]
+    for k in sec.ipcs:
+        header += [f"ipc {k}", f"ipc {k} published"]
+    pub_whole = published_value(sec.dataset, WHOLE, None)
+    rows = [["whole dataset"] + [x for _ in sec.ipcs
+                                 for x in (fmt_acc(sec.whole), pub_whole.text() if pub_whole else DASH)]]
+    for label in sec.labels:
+        method, _, flip = label.partition("+")
+        row = [label]
+        for k in sec.ipcs:
+            pv = published_value(sec.dataset, method, k, bool(flip))
+            row += [fmt_acc(sec.cell(label, k)), pv.text() if pv else DASH]
+        rows.append(row)
+    ours = {lab.partition("+")[0] for lab in sec.labels}
+    for prow in published_rows(sec.dataset):
+        if prow.method in ours or prow.method == WHOLE:
+            continue
+        vals = [prow.values.get(k) for k in sec.ipcs]
+        if any(v is not None for v in vals):
+            rows.append([f"{prow.label} (published only)"]
+                        + [x for v in vals for x in (DASH, v.text() if v else DASH)])
+    return Table(header, rows)
+
+
+def score_rows(sec: Section) -> list[dict[str, Any]]:
+    """Per (method, ipc): accuracy, HLR, IOR, LRS, distillation minutes (None where missing)."""
+    out = []
+    whole = sec.whole.mean if sec.whole is not None else None
+    for label in sec.labels:
+        for k in sec.ipcs:
+            cell = sec.cell(label, k)
+            if cell is None:
+                continue
+            rnd = sec.random(k)
+            h = hlr(whole, cell.mean)
+            i = ior(cell.mean, rnd.mean if rnd is not None else None)
+            out.append({"label": label, "ipc": k, "cell": cell, "hlr": h, "ior": i, "lrs": lrs(h, i),
+                        "minutes": None if cell.distill_s is None else cell.distill_s / 60.0})
+    return out
+
+
+def score_table(sec: Section) -> Table:
+    header = ["method", "ipc", "accuracy", "HLR ↓", "IOR ↑", "LRS ↑", "distill (min)", "iterations", "seeds"]
+    rows = []
+    for s in score_rows(sec):
+        c: Cell = s["cell"]
+        rows.append([s["label"], str(s["ipc"]), fmt_acc(c), fmt_num(s["hlr"]), fmt_num(s["ior"], signed=True),
+                     fmt_num(s["lrs"]), fmt_num(s["minutes"], 1),
+                     DASH if c.iterations is None else str(c.iterations), ", ".join(map(str, c.seeds))])
+    return Table(header, rows)
+
+
+def speed_table(perf: list[dict[str, Any]]) -> Table:
+    rows = []
+    for r in sorted(perf, key=lambda r: r["name"]):
+        ratio = r.get("ratio")
+        m = r.get("machine") or {}
+        rows.append([r["name"], f"{ratio:.2f}×" if isinstance(ratio, (int, float)) else DASH,
+                     fmt_num(r.get("ours_s")), fmt_num(r.get("baseline_s")), str(r.get("baseline") or DASH),
+                     str(m.get("gpu") or m.get("device") or DASH)])
+    return Table(["name", "ratio", "ours (s)", "baseline (s)", "baseline", "device"], rows, align="lrrrll")
+
+
+def _section_blocks(sec: Section, figures_dir: Path) -> list[object]:
+    recs = [r for c in sec.cells.values() for r in c.records]
+    arch = _join(_values(list(sec.cells.values()), lambda c: c.arch))
+    blocks: list[object] = [
+        Heading(2, sec.title),
+        Paragraph(f"Test accuracy (%) of `{arch}` (the first evaluated architecture) under budget "
+                  f"`{sec.budget}` ({len(recs)} result file(s); evaluation protocol: see Protocol above)."),
+    ]
+    if sec.whole is not None:
+        blocks.append(Paragraph(f"Whole-data reference (same budget): {fmt_acc(sec.whole)} — "
+                                + protocol_text(sec.whole.records)))
+    else:
+        others = ", ".join(f"`{w.key.budget}`: {fmt_acc(w)}" for w in sec.other_whole)
+        blocks.append(Paragraph(f"No whole-data reference under budget `{sec.budget}` (HLR and LRS show "
+                                f"{DASH})" + (f"; other budgets, not mixed in: {others}." if others else ".")
+                                + f" Produce one with `python benchmarks/whole_data.py --tag {sec.budget} ...`."))
+    blocks += [Heading(3, "Accuracy: ours vs published"), accuracy_table(sec),
+               Paragraph(f"Published columns: {PUBLISHED_SOURCE}. {DASH}: no result."),
+               Heading(3, "DD-Ranking scores and distillation time"), score_table(sec),
+               Paragraph(f"HLR: hard-label recovery, IOR: improvement over the random subset of the same ipc "
+                         f"and budget, LRS: label-robust score (w = {LRS_WEIGHT}); {SCORE_FORMULA}. "
+                         f"distill (min): distillation wall-clock minutes from the records' `distill.wall_s` "
+                         f"(mean over seeds) on the machine listed above; evaluation time excluded.")]
+    tag = f"{_safe(sec.dataset)}-{_safe(sec.budget)}"
+    cells = list(sec.cells.values())
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    blocks.append(Heading(3, "Figures"))
+    p1 = plots.accuracy_vs_ipc(cells, sec.whole, f"{sec.title.replace('`', '')}: accuracy vs ipc",
+                               figures_dir / f"acc_vs_ipc-{tag}.png")
+    p2 = plots.accuracy_vs_time(cells, f"{sec.title.replace('`', '')}: accuracy vs distillation time",
+                                figures_dir / f"acc_vs_time-{tag}.png")
+    blocks += [Image(p1, "accuracy vs ipc", "Accuracy vs ipc (ours solid, published dashed)."),
+               Image(p2, "accuracy vs distillation minutes", "Accuracy vs distillation minutes (labels: ipc).")]
+    previews = []
+    for label in sec.labels:
+        for k in sec.ipcs:
+            cell = sec.cell(label, k)
+            if cell is None:
+                continue
+            dest = plots.copy_preview(cell, figures_dir / f"preview-{tag}-{_safe(label)}-ipc{k}.png")
+            if dest is not None:
+                previews.append(Image(dest, f"{label} ipc {k}", f"{label}, ipc {k}"))
+    if previews:
+        blocks += [Heading(3, "Synthetic images"), *previews]
+    return blocks
+
+
+def build_document(results: Results, figures_dir: Path, command: str) -> Document:
+    """The whole leaderboard as a :class:`Document` (figures are written to ``figures_dir``)."""
+    doc = Document("condense leaderboard")
+    cells = aggregate(results.accuracy)
+    secs = sections(cells)
+    doc.add(Comment("GENERATED FILE — do not edit by hand; regenerate with the command below."),
+            Heading(1, "condense leaderboard"),
+            Paragraph("**Generated file — do not edit.** Every number below is computed from the result files "
+                      "(published numbers excepted). Regenerate with:"),
+            Code(command),
+            Heading(2, "Protocol"))
+    by_budget: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results.accuracy:
+        if r["method"] != WHOLE:
+            by_budget[r["budget"]].append(r)
+    for budget, recs in sorted(by_budget.items()):
+        doc.add(Paragraph(f"Budget `{budget}`: " + protocol_text(recs)))
+    if not by_budget:
+        doc.add(Paragraph("No accuracy results yet."))
+    doc.add(Paragraph("Accuracy cells read `mean ± std (n)`: n = number of fresh evaluation models (pooled "
+                      "over seeds). Results of different budgets are never mixed in one table; a score needs "
+                      f"its references (whole data, random subset) under the same budget, else it shows {DASH}."))
+    doc.add(Heading(2, "Machines and code"),
+            *[Paragraph(t) for t in machine_lines(results.accuracy + results.perf) or ["No records."]])
+    for sec in secs:
+        doc.add(*_section_blocks(sec, figures_dir))
+    doc.add(Heading(2, "Speed"))
+    if results.perf:
+        doc.add(speed_table(results.perf),
+                Paragraph("ratio: as recorded by each perf benchmark (baseline_s / ours_s for the benchmarks "
+                          "so far: above 1 means ours is faster); ours and the baseline timed alternately in one "
+                          "process, medians of several repeats."))
+    else:
+        doc.add(Paragraph("No perf records."))
+    if results.skipped:
+        doc.add(Heading(2, "Files skipped"),
+                Table(["file", "reason"], [[str(p), why] for p, why in results.skipped], align="ll"))
+    return doc
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary sibling + ``os.replace`` (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_report(results_dir: str | Path, out: str | Path, html: str | Path | None = None,
+                 figures_dir: str | Path | None = None, command: str | None = None) -> list[Path]:
+    """Render the leaderboard.
+
+    Args:
+        results_dir: folder of result JSON files (searched recursively).
+        out: Markdown file to write.
+        html: self-contained HTML file to write (``None``: none).
+        figures_dir: where PNGs go (default: ``<out's folder>/figures``).
+        command: the command line printed as "regenerate with" (default: the condense-report call).
+
+    Returns:
+        The written files (Markdown, HTML if any, then figures).
+    """
+    out = Path(out)
+    figures = Path(figures_dir) if figures_dir is not None else out.parent / "figures"
+    command = command or f"condense-report results_dir={results_dir} out={out}" + (f" html={html}" if html else "")
+    results = load_results(results_dir)
+    doc = build_document(results, figures, command)
+    _write_text(out, render_markdown(doc, out.parent))
+    written = [out]
+    if html is not None:
+        _write_text(Path(html), render_html(doc))
+        written.append(Path(html))
+    written += sorted({b.path for b in doc.blocks if isinstance(b, Image)})
+    log.info("leaderboard: %d accuracy and %d perf records, %d skipped -> %s", len(results.accuracy),
+             len(results.perf), len(results.skipped), out)
+    return written

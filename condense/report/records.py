@@ -1,0 +1,215 @@
+"""Benchmark result files (DESIGN.md "Benchmark results"): paths, validation, loading, aggregation.
+
+One JSON file per run at ``<results>/<dataset>/<method>[+flip]/ipc<k>-<budget>-seed<s>.json``;
+``kind: "accuracy"`` records feed the leaderboard tables, ``kind: "perf"`` records its Speed section.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+WHOLE = "whole"
+
+
+def method_label(method: str, flip: bool) -> str:
+    """``"dsa+flip"`` for a flip run, else the method key."""
+    return f"{method}+flip" if flip else method
+
+
+def result_path(results_dir: str | Path, dataset: str, method: str, flip: bool, ipc: int, budget: str,
+                seed: int) -> Path:
+    """Where the record of one run lives (the one path scheme every tool uses)."""
+    return Path(results_dir) / dataset / method_label(method, flip) / f"ipc{ipc}-{budget}-seed{seed}.json"
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def accuracy_problems(rec: Any) -> list[str]:
+    """Why ``rec`` is not a usable accuracy record (empty list: it is)."""
+    if not isinstance(rec, dict):
+        return [f"not a JSON object ({type(rec).__name__})"]
+    bad = []
+    if rec.get("schema") != SCHEMA:
+        bad.append(f"schema {rec.get('schema')!r} (expected {SCHEMA})")
+    if rec.get("kind") != "accuracy":
+        bad.append(f"kind {rec.get('kind')!r} (expected 'accuracy')")
+    for key in ("method", "dataset", "budget"):
+        if not isinstance(rec.get(key), str) or not rec.get(key):
+            bad.append(f"{key} missing")
+    ipc = rec.get("ipc")
+    if not (ipc is None and rec.get("method") == WHOLE) and not (isinstance(ipc, int) and ipc > 0):
+        bad.append(f"ipc {ipc!r}")
+    if not isinstance(rec.get("seed"), int):
+        bad.append(f"seed {rec.get('seed')!r}")
+    ev = rec.get("eval")
+    summary = ev.get("summary") if isinstance(ev, dict) else None
+    if not isinstance(summary, dict) or not summary:
+        bad.append("eval.summary missing (run without evaluation?)")
+    else:
+        for arch, s in summary.items():
+            if not (isinstance(s, dict) and _is_num(s.get("mean")) and _is_num(s.get("std"))
+                    and isinstance(s.get("n"), int) and s["n"] > 0):
+                bad.append(f"eval.summary.{arch} is not {{mean, std, n}}")
+    return bad
+
+
+def perf_problems(rec: Any) -> list[str]:
+    """Why ``rec`` is not a usable perf record (empty list: it is)."""
+    if not isinstance(rec, dict) or rec.get("kind") != "perf":
+        return ["not a perf record"]
+    return [] if isinstance(rec.get("name"), str) else ["name missing"]
+
+
+def read_json(path: Path) -> Any:
+    """Parsed JSON, or ``None`` when the file is missing or unparsable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def is_valid_result(path: Path, expect: dict[str, Any] | None = None) -> tuple[bool, str]:
+    """Whether ``path`` holds a complete accuracy record (matching ``expect``'s fields).
+
+    Returns:
+        ``(ok, reason)``; ``reason`` says what is wrong ("missing", "unparsable", ...).
+    """
+    if not Path(path).exists():
+        return False, "missing"
+    rec = read_json(path)
+    if rec is None:
+        return False, "unparsable"
+    bad = accuracy_problems(rec)
+    for key, want in (expect or {}).items():
+        if rec.get(key) != want:
+            bad.append(f"{key} is {rec.get(key)!r}, expected {want!r}")
+    return (not bad), ("; ".join(bad) if bad else "ok")
+
+
+@dataclass
+class Results:
+    """Every record found under a results folder."""
+
+    accuracy: list[dict[str, Any]] = field(default_factory=list)
+    perf: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def load_results(results_dir: str | Path) -> Results:
+    """Read every ``*.json`` under ``results_dir`` (sorted), classified by ``kind``.
+
+    Files that are unparsable or incomplete are listed in ``skipped`` with the reason.
+    """
+    out = Results()
+    root = Path(results_dir)
+    for path in sorted(root.rglob("*.json")):
+        rec = read_json(path)
+        if rec is None:
+            out.skipped.append((path, "unparsable"))
+            continue
+        kind = rec.get("kind") if isinstance(rec, dict) else None
+        bad = perf_problems(rec) if kind == "perf" else accuracy_problems(rec)
+        if bad:
+            out.skipped.append((path, "; ".join(bad)))
+            log.warning("skipping %s: %s", path, "; ".join(bad))
+            continue
+        rec = {**rec, "_path": str(path)}
+        (out.perf if kind == "perf" else out.accuracy).append(rec)
+    return out
+
+
+@dataclass(frozen=True, order=True)
+class CellKey:
+    """One leaderboard cell: dataset x budget x method (+flip) x ipc (``None`` for whole data)."""
+
+    dataset: str
+    budget: str
+    method: str
+    flip: bool
+    ipc: int | None
+
+    @property
+    def label(self) -> str:
+        return method_label(self.method, self.flip)
+
+
+@dataclass
+class Cell:
+    """Accuracy (percent) of one cell pooled over its records (seeds)."""
+
+    key: CellKey
+    arch: str
+    mean: float
+    std: float
+    n: int
+    seeds: list[int]
+    distill_s: float | None  # mean distillation wall time over the seeds
+    iterations: int | None  # iterations reached (minimum over seeds)
+    records: list[dict[str, Any]]
+
+
+def first_arch(rec: dict[str, Any]) -> str:
+    """The first evaluated architecture (the protocol's ``archs[0]``, else the first summary key)."""
+    ev = rec["eval"]
+    archs = (ev.get("protocol") or {}).get("archs") or []
+    if archs and archs[0] in ev["summary"]:
+        return str(archs[0])
+    return str(next(iter(ev["summary"])))
+
+
+def pool(stats: list[tuple[float, float, int]]) -> tuple[float, float, int]:
+    """Pool ``(mean, population std, n)`` groups into the statistics of all their values."""
+    total = sum(n for _, _, n in stats)
+    mean = sum(m * n for m, _, n in stats) / total
+    var = sum(n * (s * s + (m - mean) ** 2) for m, s, n in stats) / total
+    return mean, math.sqrt(max(var, 0.0)), total
+
+
+def cell_key(rec: dict[str, Any]) -> CellKey:
+    ipc = rec.get("ipc")
+    return CellKey(str(rec["dataset"]), str(rec["budget"]), str(rec["method"]), bool(rec.get("flip")),
+                   None if rec["method"] == WHOLE else int(ipc))
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[CellKey, Cell]:
+    """Group accuracy records by cell; each cell pools its seeds' first-arch summaries.
+
+    A single record's cell shows exactly that record's ``eval.summary`` numbers.
+    """
+    groups: dict[CellKey, list[dict[str, Any]]] = defaultdict(list)
+    for rec in records:
+        groups[cell_key(rec)].append(rec)
+    cells = {}
+    for key, recs in sorted(groups.items()):
+        recs = sorted(recs, key=lambda r: r["seed"])
+        arch = first_arch(recs[0])
+        stats = [(float(s["mean"]), float(s["std"]), int(s["n"]))
+                 for s in (r["eval"]["summary"].get(arch) for r in recs) if s is not None]
+        mean, std, n = pool(stats)
+        walls = [float(r["distill"]["wall_s"]) for r in recs
+                 if isinstance(r.get("distill"), dict) and _is_num(r["distill"].get("wall_s"))]
+        its = [int(r["distill"]["iterations"]) for r in recs
+               if isinstance(r.get("distill"), dict) and isinstance(r["distill"].get("iterations"), int)]
+        cells[key] = Cell(key, arch, mean, std, n, [int(r["seed"]) for r in recs],
+                          sum(walls) / len(walls) if walls else None, min(its) if its else None, recs)
+    return cells
+
+
+def run_dir_of(rec: dict[str, Any]) -> Path | None:
+    """The run directory a record names (``run_dir``, or ``bench.run_dir`` added by condense-bench)."""
+    for value in (rec.get("run_dir"), (rec.get("bench") or {}).get("run_dir"),
+                  (rec.get("config") or {}).get("run_dir")):
+        if isinstance(value, str) and value:
+            return Path(value)
+    return None

@@ -1,0 +1,372 @@
+"""Gradient matching: DC (Zhao et al. 2021) and DSA (Zhao & Bilen 2021).
+
+One :meth:`GradientMatching.step` is one outer iteration of the reference code:
+
+1. a fresh randomly initialised network (``ctx.make_model()``) and its SGD optimizer;
+2. ``outer_loop`` times: (BatchNorm networks: running statistics set from 16 real images per
+   class and frozen) draw a real batch of every class ``(K, B, ...)``; FYI flip / siamese DSA
+   views (:func:`condense.synth._matching.siamese_views`); the per-class gradients of the
+   real views (no graph) and of the synthetic views (with graph) in one call each
+   (:func:`condense.ops.per_class_grads`); loss = sum over classes of the gradient distance;
+   one SGD step on the images; then, except after the last outer loop, ``inner_loop`` epochs
+   of SGD on the network over the (flipped, augmented) synthetic set, detached.
+
+DC and DSA are one class: ``dsa`` (siamese augmentation in matching and in the inner training)
+and ``init`` differ, set by the two registered configs. With ``dsa=False`` the context's
+augmenter is ignored even when it is set.
+
+Reference behaviours kept on purpose: the inner loop runs *epochs* over the synthetic set
+(batches of ``batch_train``, reshuffled each epoch; one batch per epoch while ``K*ipc <= 256``);
+the logged loss is the summed distance averaged over classes and outer loops. Differences:
+the image gradient is taken with ``torch.autograd.grad`` w.r.t. the images only (the reference's
+``loss.backward()`` also fills the network's ``.grad``, which it never uses); DSA draws one op per
+outer loop shared by all classes (per-class parameters), see ``DSA.sample_per_group``; BatchNorm
+statistics are set exactly from the 16-per-class batch (the reference does one running-average
+update with momentum 0.1, see :func:`condense.ops.freeze_bn_stats`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condense.errors import ConfigError, NonFiniteError
+from condense.ops.distances import METRICS, gradient_distance
+from condense.ops.grads import IMPLS, _upcast, freeze_bn_stats, matching_params, per_class_grads
+from condense.synth._matching import (
+    INITS,
+    ImageOptimizerMixin,
+    init_images,
+    new_synthetic_set,
+    siamese_views,
+)
+from condense.synth.base import SynthContext, Synthesizer, register_synthesizer
+from condense.types import SyntheticSet
+
+log = logging.getLogger(__name__)
+
+#: (outer_loop, inner_loop) by ipc, from the reference ``get_loops``.
+LOOPS: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+#: Real images per class used to set BatchNorm statistics before matching.
+BN_IMAGES_PER_CLASS = 16
+#: Default micro-batch of the real per-class gradients on CPU. Measured (ConvNet-3, 256 real
+#: images per class, 1 thread): 32-image forwards make the matching step ~1.3x faster than
+#: 256-image ones, because tensors over glibc's mmap threshold are page-faulted in (zero-filled
+#: by the kernel) on every allocation; ``benchmarks/perf/gradient_matching.py``.
+CPU_MICRO_BATCH = 32
+
+
+def default_loops(ipc: int) -> tuple[int, int]:
+    """``(outer_loop, inner_loop)`` for ``ipc`` as published; other ipc values need both set.
+
+    Raises:
+        ConfigError: ``ipc`` has no published value.
+    """
+    if ipc not in LOOPS:
+        raise ConfigError(
+            f"outer_loop/inner_loop have no published value for ipc={ipc}; set both explicitly "
+            f"(published for ipc in {sorted(LOOPS)})"
+        )
+    return LOOPS[ipc]
+
+
+# --------------------------------------------------------------------------------------------
+# Private helpers (reusable by other matchers; candidates for synth/_matching.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on ``device``'s type when ``bf16``; a no-op otherwise."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _class_labels(k: int, n: int, device: torch.device) -> torch.Tensor:
+    """``(K, n)`` int64, row ``c`` filled with ``c``."""
+    return torch.arange(k, device=device).unsqueeze(1).expand(k, n)
+
+
+def _capped_batch(ctx: SynthContext, want: int) -> int:
+    """``want`` capped at the smallest class (the reference's ``permutation(...)[:n]``)."""
+    smallest = getattr(ctx.index, "min_count", None)
+    return min(want, int(smallest)) if smallest is not None else want
+
+
+def _train_epochs(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: Any = None,
+    bf16: bool = False,
+) -> None:
+    """``epochs`` passes of SGD over ``(images, labels)`` (detached), shuffled per epoch.
+
+    Args:
+        images: ``(N, C, H, W)``; labels: ``(N,)``.
+        augment: a DSA (fresh, non-siamese parameters per batch) or ``None``.
+    """
+    images, labels = images.detach(), labels.detach()
+    n = images.shape[0]
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator, device=generator.device).to(images.device)
+        for idx in order.split(batch_size):
+            x, y = images[idx], labels[idx]
+            if augment is not None:
+                x = augment.apply(x, augment.sample(x.shape[0], generator, device=x.device))
+            with _autocast(images.device, bf16):
+                loss = F.cross_entropy(_upcast(model(x)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+# --------------------------------------------------------------------------------------------
+# Configs and the synthesizer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GradientMatchingConfig:
+    """DC defaults (the published protocol, METHODS.md and the reference ``main.py``).
+
+    Attributes:
+        iterations: outer iterations (1000).
+        lr_img: SGD lr of the synthetic images (0.1).
+        momentum: SGD momentum of the images (0.5).
+        batch_real: real images per class per outer loop (256).
+        outer_loop: matching steps per iteration, each on a partly trained network; ``None`` =
+            by ipc (:data:`LOOPS`).
+        inner_loop: network training epochs on the synthetic set between matching steps;
+            ``None`` = by ipc.
+        lr_net: SGD lr of the network's inner training (0.01).
+        momentum_net: SGD momentum of the network's inner training. The original DC code used
+            0.5, the current reference script (which added DSA) uses none (0).
+        batch_train: batch size of the inner training (256).
+        dis_metric: gradient distance, ``ours`` | ``mse`` | ``cos``.
+        init: ``noise`` (DC) or ``real``.
+        flip: FYI: synthetic batches become ``[x; hflip(x)]`` in matching and inner training.
+        dsa: siamese DSA on real/synthetic views and DSA in the inner training (needs
+            ``ctx.augment``); ``False`` ignores ``ctx.augment``.
+        bf16: bfloat16 autocast for the network forwards (gradients and distances stay fp32).
+        grad_impl: per-class gradient formulation, ``auto`` | ``vmap`` | ``loop``
+            (:func:`condense.ops.per_class_grads`; same numbers, different speed).
+        chunk_classes: ``vmap`` only: classes per vectorised call (0 = all; bounds memory).
+        micro_batch: ``loop`` only: real images per forward within a class (same gradient, less
+            memory traffic); ``None`` = :data:`CPU_MICRO_BATCH` on CPU, the whole batch elsewhere;
+            0 = the whole batch.
+    """
+
+    iterations: int = 1000
+    lr_img: float = 0.1
+    momentum: float = 0.5
+    batch_real: int = 256
+    outer_loop: int | None = None
+    inner_loop: int | None = None
+    lr_net: float = 0.01
+    momentum_net: float = 0.5
+    batch_train: int = 256
+    dis_metric: str = "ours"
+    init: str = "noise"
+    flip: bool = False
+    dsa: bool = False
+    bf16: bool = False
+    grad_impl: str = "auto"
+    chunk_classes: int = 0
+    micro_batch: int | None = None
+
+
+@dataclass
+class DSAConfig(GradientMatchingConfig):
+    """DSA: DC plus siamese augmentation, real init, inner SGD without momentum (reference)."""
+
+    momentum_net: float = 0.0
+    init: str = "real"
+    dsa: bool = True
+
+
+@register_synthesizer("dc")
+class GradientMatching(ImageOptimizerMixin, Synthesizer):
+    """DC: match per-class weight gradients of real and synthetic batches in training networks."""
+
+    Config: ClassVar[type] = GradientMatchingConfig
+
+    def __init__(self, cfg: GradientMatchingConfig, ctx: SynthContext) -> None:
+        self._validate(cfg, ctx)
+        if cfg.outer_loop is None or cfg.inner_loop is None:
+            outer, inner = default_loops(ctx.ipc)
+            cfg = dataclasses.replace(
+                cfg,
+                outer_loop=outer if cfg.outer_loop is None else cfg.outer_loop,
+                inner_loop=inner if cfg.inner_loop is None else cfg.inner_loop,
+            )
+        super().__init__(cfg, ctx)
+        # The augmenter every view and inner batch goes through (None: no augmentation).
+        aug = ctx.augment if cfg.dsa else None
+        if aug is not None and cfg.flip and not aug.flip_first:
+            aug = dataclasses.replace(aug, flip_first=True)  # FYI with DSA: flip first
+        self._aug = aug
+        self._view_ctx = ctx if cfg.dsa else dataclasses.replace(ctx, augment=None)
+
+    def _validate(self, cfg: GradientMatchingConfig, ctx: SynthContext) -> None:
+        checks = {
+            "iterations": cfg.iterations >= 0,
+            "lr_img": cfg.lr_img > 0,
+            "momentum": 0.0 <= cfg.momentum < 1.0,
+            "batch_real": cfg.batch_real >= 1,
+            "outer_loop": cfg.outer_loop is None or cfg.outer_loop >= 1,
+            "inner_loop": cfg.inner_loop is None or cfg.inner_loop >= 0,
+            "lr_net": cfg.lr_net > 0,
+            "momentum_net": 0.0 <= cfg.momentum_net < 1.0,
+            "batch_train": cfg.batch_train >= 1,
+            "chunk_classes": cfg.chunk_classes >= 0,
+            "micro_batch": cfg.micro_batch is None or cfg.micro_batch >= 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(
+                    f"{self.name}: invalid {key}={getattr(cfg, key)!r} (iterations >= 0, lr_img > 0, "
+                    "0 <= momentum < 1, batch_real >= 1, outer_loop >= 1 or null, inner_loop >= 0 "
+                    "or null, lr_net > 0, 0 <= momentum_net < 1, batch_train >= 1, chunk_classes >= 0, "
+                    "micro_batch >= 0 or null)"
+                )
+        choices = {"dis_metric": (cfg.dis_metric, METRICS), "init": (cfg.init, INITS),
+                   "grad_impl": (cfg.grad_impl, IMPLS)}
+        for key, (value, valid) in choices.items():
+            if value not in valid:
+                raise ConfigError(f"{self.name}: unknown {key} {value!r}; valid: {', '.join(valid)}")
+        if cfg.dsa and ctx.augment is None:
+            raise ConfigError(
+                f"{self.name}: dsa=true but the context has no augmenter (ctx.augment is None); "
+                "build the context with a condense.augment.DSA or set dsa=false"
+            )
+
+    # -- contract ---------------------------------------------------------------------------
+
+    def init_set(self) -> SyntheticSet:
+        images = init_images(self.ctx, self.cfg.init)
+        syn = new_synthetic_set(self.ctx, images, self.name, self.config_dict())
+        self.make_image_optimizer(syn, lr=self.cfg.lr_img, momentum=self.cfg.momentum)
+        return syn
+
+    def step(self, syn: SyntheticSet, it: int) -> dict[str, float]:
+        cfg = self.cfg
+        model = self.ctx.make_model()
+        model.train()
+        net_opt = torch.optim.SGD(model.parameters(), lr=cfg.lr_net, momentum=cfg.momentum_net)
+        params = matching_params(model, cfg.dis_metric)
+        total = 0.0
+        for ol in range(cfg.outer_loop):
+            loss = self.match_step(model, params, syn)
+            value = float(loss)
+            if not math.isfinite(value):
+                raise NonFiniteError(f"{self.name}: loss became {value} at iteration {it}")
+            total += value
+            if ol == cfg.outer_loop - 1:
+                break
+            self.train_network(model, net_opt, syn)
+        return {"loss": total / (self.ctx.spec.num_classes * cfg.outer_loop)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_optimizer_state(state)
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def views(self, syn: SyntheticSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real batch of all classes and per-class synthetic batch, through FYI flip / DSA.
+
+        Returns:
+            ``real (K, B, C, H, W)``, ``syn (K, S, C, H, W)`` (``S = ipc``, ``2*ipc`` with flip).
+        """
+        ctx = self.ctx
+        k = ctx.spec.num_classes
+        b = _capped_batch(ctx, self.cfg.batch_real)
+        real = ctx.index.gather(ctx.data.train_images, b, ctx.generator)
+        syn_k = syn.images.view(k, -1, *syn.images.shape[1:])
+        return siamese_views(self._view_ctx, real, syn_k, flip=self.cfg.flip)
+
+    def matching_loss(
+        self, model: nn.Module, params: dict[str, torch.Tensor], real: torch.Tensor, syn: torch.Tensor
+    ) -> torch.Tensor:
+        """``(K,)`` per-class gradient distances of real ``(K,B,...)`` and synthetic ``(K,S,...)`` views."""
+        cfg = self.cfg
+        dev = real.device
+        k = real.shape[0]
+        chunk = cfg.chunk_classes or None
+        micro = cfg.micro_batch
+        if micro is None:
+            micro = CPU_MICRO_BATCH if dev.type == "cpu" else 0
+        with _autocast(dev, cfg.bf16):
+            g_real = per_class_grads(model, real, _class_labels(k, real.shape[1], dev),
+                                     create_graph=False, params=params, impl=cfg.grad_impl,
+                                     chunk_size=chunk, micro_batch=micro)
+            g_syn = per_class_grads(model, syn, _class_labels(k, syn.shape[1], dev),
+                                    create_graph=True, params=params, impl=cfg.grad_impl,
+                                    chunk_size=chunk)
+        return gradient_distance(g_real, g_syn, cfg.dis_metric)
+
+    def match_step(self, model: nn.Module, params: dict[str, torch.Tensor], syn: SyntheticSet) -> torch.Tensor:
+        """Freeze BatchNorm statistics, compute the matching loss, one SGD step on the images.
+
+        Returns:
+            The summed (over classes) loss, detached.
+        """
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            self.freeze_bn(model)
+        real, syn_views = self.views(syn)
+        loss = self.matching_loss(model, params, real, syn_views).sum()
+        (grad_img,) = torch.autograd.grad(loss, syn.images)
+        self.opt.zero_grad(set_to_none=True)
+        syn.images.grad = grad_img
+        self.opt.step()
+        return loss.detach()
+
+    def freeze_bn(self, model: nn.Module) -> None:
+        """BatchNorm statistics from ``16`` real images per class, then frozen (eval mode)."""
+        ctx = self.ctx
+        n = _capped_batch(ctx, BN_IMAGES_PER_CLASS)
+        real = ctx.index.gather(ctx.data.train_images, n, ctx.generator)
+        freeze_bn_stats(model, real.flatten(0, 1))
+
+    def train_network(self, model: nn.Module, opt: torch.optim.Optimizer, syn: SyntheticSet) -> None:
+        """``inner_loop`` epochs of SGD on the synthetic set (flipped with FYI, DSA if on)."""
+        images, labels = syn.images.detach(), syn.labels
+        if self.cfg.flip:
+            from condense.augment.flip import flip_cat
+
+            images, labels = flip_cat(images, labels)
+        _train_epochs(
+            model,
+            opt,
+            images,
+            labels,
+            epochs=int(self.cfg.inner_loop),
+            batch_size=self.cfg.batch_train,
+            generator=self.ctx.generator,
+            augment=self._aug,
+            bf16=self.cfg.bf16,
+        )
+
+
+@register_synthesizer("dsa")
+class DSAGradientMatching(GradientMatching):
+    """DSA: :class:`GradientMatching` with siamese augmentation on and real initialisation."""
+
+    Config: ClassVar[type] = DSAConfig

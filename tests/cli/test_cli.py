@@ -1,0 +1,137 @@
+"""The Hydra CLI: every config combination composes and builds; bad input -> one line, exit 2."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from condense.cli.build import eval_config, method_config, resolve_iterations, validate
+from condense.cli.main import CONF_DIR, group_choices
+from tests.conftest import needs_fmnist
+
+CONDENSE = [sys.executable, "-c", "from condense.cli.main import main; main()"]
+CONDENSE_EVAL = [sys.executable, "-c", "from condense.cli.main import eval_main; eval_main()"]
+
+
+def _env():
+    return {**os.environ, "CONDENSE_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+
+
+def _run(args, cwd, cmd=CONDENSE, timeout=300):
+    return subprocess.run(cmd + list(args), cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_every_combination_composes_and_builds():
+    groups = {g: group_choices(g) for g in ("method", "dataset", "model", "eval", "budget", "logger")}
+    assert {"random", "herding", "kcenter"} <= set(groups["method"])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        n = 0
+        # all methods x budgets x ipcs with the default rest; then every other group's choices
+        for method, budget, ipc in itertools.product(groups["method"], groups["budget"], [1, 10, 50]):
+            cfg = compose("config", overrides=[f"method={method}", f"budget={budget}", f"ipc={ipc}"])
+            built = validate(cfg)
+            assert built["iterations"] >= 0 and built["eval"].num_models >= 1
+            n += 1
+        for g in ("dataset", "model", "eval", "logger"):
+            for choice in groups[g]:
+                extra = ["dataset.root=/x"] if g == "dataset" and choice == "imagefolder" else []
+                cfg = compose("config", overrides=[f"{g}={choice}", "ipc=1", *extra])
+                validate(cfg)
+                n += 1
+    assert n > 30
+
+
+def test_budget_resolution():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["method=random", "budget=cpu", "ipc=50"])
+        e = eval_config(cfg)
+        assert (e.epochs, e.num_models, e.dsa) == (300, 3, True)
+        cfg = compose("config", overrides=["method=herding", "budget=smoke"])
+        m = method_config(cfg)
+        assert m.feature_train_size == 500  # the budget's method override
+        assert resolve_iterations(cfg, m) == 0
+        cfg = compose("config", overrides=["budget=smoke", "eval.epochs=7"])
+        assert eval_config(cfg).epochs == 7  # explicit beats the budget
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["method=nosuch"], "unknown method 'nosuch'; valid choices: "),
+        (["dataset=cifar11"], "unknown dataset 'cifar11'; valid choices: "),
+        (["model=resnet99"], "unknown model 'resnet99'; valid choices: "),
+        (["budget=huge"], "unknown budget 'huge'; valid choices: "),
+        (["nosuchkey=1"], "unknown config key 'nosuchkey'"),
+        (["+method.bogus=1"], "unknown key(s) 'bogus' in method; valid keys: "),
+        (["ipc=0"], "ipc must be an integer >= 1, got 0"),
+        (["ipc=6001"], "ipc 6001 exceeds the smallest class of fashion_mnist (6000 training images)"),
+        (["max_seconds=0"], "max_seconds must be > 0"),
+        (["eval.archs=[convnet,nonet]"], "unknown model 'nonet'"),
+        (["-m", "method=random,nosuch"], "unknown method 'nosuch'"),
+        (["export=[zip]"], "unknown export 'zip'; valid choices: imagefolder, tensors"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, needle):
+    out = tmp_path / "run"
+    r = _run([*args, f"hydra.run.dir={out}", f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("condense: error: "), r.stderr
+    assert needle in lines[0], lines[0]
+    assert not out.exists() and not (tmp_path / "sweep").exists()
+
+
+def test_missing_dataset_is_one_clear_error(tmp_path):
+    r = _run(["dataset=cifar10", "dataset.root=/nonexistent", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path,
+             timeout=120)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("condense: error")]
+    assert len(lines) == 1 and "cifar" in lines[0].lower()
+    assert not (tmp_path / "r").exists()
+
+
+@needs_fmnist
+@pytest.mark.parametrize("method", ["random", "herding", "kcenter"])
+def test_smoke_run_through_the_cli(tmp_path, method):
+    out = tmp_path / "run"
+    r = _run([f"method={method}", "ipc=2", "budget=smoke", f"hydra.run.dir={out}",
+              f"cache_dir={tmp_path / 'cache'}", "export=[tensors]"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ("synset.safetensors", "manifest.json", "preview.png", "eval.json", "result.json"):
+        assert (out / f).exists(), f
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["summary"]["convnet"]["n"] == 1 and 0 <= ev["runs"][0]["test_acc"] <= 100
+    assert "accuracy (convnet" in r.stdout and f"artifact: {out}" in r.stdout
+    res = json.loads((out / "result.json").read_text())
+    assert res["kind"] == "accuracy" and res["method"] == method and res["ipc"] == 2
+    assert (out / "export-tensors" / "images.pt").exists()
+    # condense-eval on the artifact
+    r2 = _run([f"artifact={out}", "budget=smoke", f"out={tmp_path / 'e.json'}"], cwd=tmp_path, cmd=CONDENSE_EVAL)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert json.loads((tmp_path / "e.json").read_text())["summary"]["convnet"]["n"] == 1
+
+
+def test_condense_eval_refuses_a_corrupted_artifact(tmp_path):
+    r = _run([f"artifact={tmp_path}"], cwd=tmp_path, cmd=CONDENSE_EVAL)
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "not a condense artifact" in lines[0]
+
+
+@needs_fmnist
+def test_multirun_basic_and_joblib(tmp_path):
+    for launcher in ("basic", "joblib"):
+        sweep = tmp_path / launcher
+        r = _run(["-m", f"hydra/launcher={launcher}", "method=random", "ipc=1,2", "budget=smoke", "evaluate=false",
+                  f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs = sorted(p.parent.name for p in Path(sweep).rglob("synset.safetensors"))
+        assert len(runs) == 2 and "ipc=1" in runs[0] and "ipc=2" in runs[1], runs

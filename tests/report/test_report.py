@@ -1,0 +1,237 @@
+"""Leaderboard rendering from FABRICATED result files (no distillation, no torch work)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+from condense.cli.report import run as report_cli
+from condense.report import aggregate, load_results, lrs, write_report
+from condense.report.records import pool, result_path
+
+DASH = "—"
+
+
+def _png(path: Path) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (8, 8), 128).save(path)
+    return path
+
+
+def record(method: str, ipc: int | None, accs: list[float], *, flip: bool = False, budget: str = "cpu",
+           seed: int = 0, wall_s: float = 60.0, iterations: int = 10, dataset: str = "fashion_mnist",
+           run_dir: Path | None = None, epochs: int = 1000) -> dict:
+    """A result record in the DESIGN.md format; summary = mean / population std of ``accs``."""
+    runs = [{"arch": "convnet", "seed": seed * 1000 + i, "epochs": epochs, "lr": 0.01, "test_acc": a}
+            for i, a in enumerate(accs)]
+    rec = {
+        "schema": 1, "kind": "accuracy", "method": method, "flip": flip, "dataset": dataset, "ipc": ipc,
+        "budget": budget, "seed": seed, "config": {"method": {"name": method}},
+        "code_version": {"git_sha": "0123456789abcdef", "dirty": False},
+        "machine": {"cpu": "Fake CPU", "cores": 2, "torch": "2.14.1", "device": "cpu"},
+        "distill": {"wall_s": wall_s, "iterations": iterations},
+        "eval": {"protocol": {"archs": ["convnet"], "num_models": len(accs), "epochs": epochs, "lr": 0.01,
+                              "momentum": 0.9, "weight_decay": 0.0005, "batch_size": 256, "dsa": True,
+                              "dsa_strategy": "color_crop_cutout_flip_scale_rotate", "test_images": 10000,
+                              "labels": "hard", "learned_lr": None, "lr_selection": None},
+                 "runs": runs,
+                 "summary": {"convnet": {"mean": statistics.fmean(accs), "std": statistics.pstdev(accs),
+                                         "n": len(accs)}},
+                 "wall_s": 1.0},
+        "command": f"condense method={method} ipc={ipc}",
+    }
+    if run_dir is not None:
+        rec["run_dir"] = str(run_dir)
+    return rec
+
+
+def put(results: Path, rec: dict) -> Path:
+    if rec["method"] == "whole":
+        path = results / rec["dataset"] / "whole" / f"{rec['budget']}-seed{rec['seed']}.json"
+    else:
+        path = result_path(results, rec["dataset"], rec["method"], rec["flip"], rec["ipc"], rec["budget"],
+                           rec["seed"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+    return path
+
+
+DM10 = [80.0, 81.5, 79.9]
+DM1 = [60.1, 61.2, 59.8]
+DM50 = [85.0, 86.0, 85.5]
+RANDOM1, RANDOM10, WHOLE = [50.0, 51.0, 49.0], [72.0, 72.5, 71.5], [91.0, 91.2, 90.8]
+HERDING1_S0, HERDING1_S1 = [60.0, 61.0, 62.0], [58.0, 59.0, 60.0]
+
+
+@pytest.fixture
+def board(tmp_path: Path) -> dict:
+    res = tmp_path / "results"
+    preview_run = tmp_path / "runs" / "dsa_flip_run"
+    _png(preview_run / "preview.png")
+    put(res, record("whole", None, WHOLE, wall_s=0.0, iterations=0))
+    put(res, record("random", 1, RANDOM1, wall_s=0.0, iterations=0))
+    put(res, record("random", 10, RANDOM10, wall_s=0.0, iterations=0))
+    put(res, record("dm", 1, DM1, wall_s=120.0, iterations=400))
+    put(res, record("dm", 10, DM10, wall_s=300.0, iterations=400))
+    put(res, record("dm", 50, DM50, wall_s=900.0, iterations=300, epochs=300))
+    put(res, record("dsa", 10, [83.0, 84.0, 83.5], flip=True, wall_s=600.0, iterations=12, run_dir=preview_run))
+    put(res, record("herding", 1, HERDING1_S0, seed=0))
+    put(res, record("herding", 1, HERDING1_S1, seed=1))
+    put(res, record("dm", 10, [40.0, 41.0, 42.0], budget="smoke", wall_s=2.0, epochs=10))  # other budget
+    perf = res / "perf" / "dm_iteration.json"
+    perf.parent.mkdir(parents=True, exist_ok=True)
+    perf.write_text(json.dumps({"schema": 1, "kind": "perf", "name": "dm_iteration_quick", "ours_s": 9.68,
+                                "baseline_s": 11.87, "ratio": 1.2255, "baseline": "per-class loop (main_DM.py)",
+                                "machine": {"device": "cpu"}, "command": "python x.py"}))
+    (res / "fashion_mnist" / "dm" / "ipc1-broken-seed0.json").write_text("{not json")
+    out = tmp_path / "site" / "LEADERBOARD.md"
+    html = tmp_path / "site" / "leaderboard.html"
+    written = write_report(res, out, html)
+    return {"res": res, "out": out, "html": html, "md": out.read_text(), "written": written}
+
+
+def tables_after(md: str, heading: str) -> list[list[dict[str, str]]]:
+    """Every Markdown table between ``heading`` and the next heading of the same or higher level."""
+    lines = md.splitlines()
+    start = lines.index(heading)
+    level = len(heading) - len(heading.lstrip("#"))
+    tables, cur = [], []
+    for line in lines[start + 1:]:
+        if line.startswith("#") and len(line) - len(line.lstrip("#")) <= level:
+            break
+        if line.startswith("|"):
+            cur.append([c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+        elif cur:
+            tables.append(cur)
+            cur = []
+    if cur:
+        tables.append(cur)
+    return [[dict(zip(t[0], row, strict=True)) for row in t[2:]] for t in tables]
+
+
+def row(table: list[dict[str, str]], **match: str) -> dict[str, str]:
+    hits = [r for r in table if all(r.get(k) == v for k, v in match.items())]
+    assert len(hits) == 1, (match, table)
+    return hits[0]
+
+
+def acc_text(accs: list[float]) -> str:
+    return f"{statistics.fmean(accs):.2f} ± {statistics.pstdev(accs):.2f} ({len(accs)})"
+
+
+def lrs_ref(h: float, i: float) -> float:
+    alpha = 0.5 * i / 100 - 0.5 * h / 100
+    return (math.exp(alpha) - math.exp(-1)) / (math.exp(1) - math.exp(-1)) * 100
+
+
+CPU = "## Fashion-MNIST — budget `cpu`"
+SMOKE = "## Fashion-MNIST — budget `smoke`"
+
+
+def test_accuracy_cells_and_published(board: dict) -> None:
+    acc, scores = tables_after(board["md"], CPU)
+    dm = row(acc, method="dm")
+    assert dm["ipc 10"] == acc_text(DM10)
+    assert dm["ipc 1"] == acc_text(DM1)
+    assert dm["ipc 10 published"] == "83.5 ± 0.3"
+    assert dm["ipc 50 published"] == "88.1 ± 0.6"
+    assert row(acc, method="random")["ipc 1 published"] == "51.4"
+    assert row(acc, method="random")["ipc 10"] == acc_text(RANDOM10)
+    flip = row(acc, method="dsa+flip")
+    assert flip["ipc 10"] == acc_text([83.0, 84.0, 83.5])
+    assert flip["ipc 10 published"] == DASH and flip["ipc 1"] == DASH
+    whole = row(acc, method="whole dataset")
+    assert whole["ipc 1"] == acc_text(WHOLE) and whole["ipc 1 published"] == "93.5"
+    # methods we did not run still show their published numbers
+    assert row(acc, method="DC (published only)")["ipc 10 published"] == "82.3 ± 0.4"
+    # two seeds pool into one cell: all 6 model accuracies
+    assert row(acc, method="herding")["ipc 1"] == acc_text(HERDING1_S0 + HERDING1_S1)
+
+
+def test_budgets_never_mix(board: dict) -> None:
+    acc, scores = tables_after(board["md"], CPU)
+    assert row(acc, method="dm")["ipc 10"] == acc_text(DM10)
+    s_acc, s_scores = tables_after(board["md"], SMOKE)
+    assert row(s_acc, method="dm")["ipc 10"] == acc_text([40.0, 41.0, 42.0])
+    smoke = row(s_scores, method="dm", ipc="10")
+    assert smoke["HLR ↓"] == DASH and smoke["IOR ↑"] == DASH and smoke["LRS ↑"] == DASH
+
+
+def test_scores_and_time(board: dict) -> None:
+    _, scores = tables_after(board["md"], CPU)
+    m, r, w = statistics.fmean(DM10), statistics.fmean(RANDOM10), statistics.fmean(WHOLE)
+    dm10 = row(scores, method="dm", ipc="10")
+    assert dm10["HLR ↓"] == f"{w - m:.2f}"
+    assert dm10["IOR ↑"] == f"{m - r:+.2f}"
+    assert dm10["LRS ↑"] == f"{lrs_ref(w - m, m - r):.2f}"
+    assert dm10["distill (min)"] == "5.0" and dm10["iterations"] == "400"
+    dm50 = row(scores, method="dm", ipc="50")  # no random subset at ipc 50
+    assert dm50["IOR ↑"] == DASH and dm50["LRS ↑"] == DASH
+    assert dm50["HLR ↓"] == f"{w - statistics.fmean(DM50):.2f}"
+    assert row(scores, method="random", ipc="1")["IOR ↑"] == "+0.00"
+    assert "LRS = (e^alpha - e^-1) / (e - e^-1)" in board["md"]
+
+
+def test_header_protocol_machine_speed_and_skipped(board: dict) -> None:
+    md = board["md"]
+    assert md.startswith("<!-- GENERATED FILE")
+    assert "condense-report results_dir=" in md
+    assert "Budget `cpu`: Each set trains 3 fresh model(s) of convnet" in md
+    assert "1000 at ipc 1" in md and "300 at ipc 50" in md and "DSA augmentation during training" in md
+    assert "Fake CPU, 2 cores" in md and "`0123456789`" in md
+    speed = tables_after(md, "## Speed")[0]
+    assert row(speed, name="dm_iteration_quick")["ratio"] == "1.23×"
+    assert "ipc1-broken-seed0.json" in md  # unparsable file listed, not fatal
+
+
+def test_figures_written(board: dict) -> None:
+    figs = board["out"].parent / "figures"
+    for name in ("acc_vs_ipc-fashion_mnist-cpu.png", "acc_vs_time-fashion_mnist-cpu.png",
+                 "acc_vs_ipc-fashion_mnist-smoke.png", "preview-fashion_mnist-cpu-dsa+flip-ipc10.png"):
+        assert (figs / name).stat().st_size > 0, name
+        assert f"(figures/{name})" in board["md"]
+    assert not (figs / "preview-fashion_mnist-cpu-dm-ipc10.png").exists()  # its record names no run dir
+
+
+def test_html_self_contained(board: dict) -> None:
+    page = board["html"].read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+    srcs = re.findall(r"""<img[^>]*\ssrc="([^"]*)\"""", page)
+    assert len(srcs) == board["md"].count("](figures/") == 5  # 2 plots x 2 budgets + 1 preview
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert acc_text(DM10) in page and "<style>" in page
+
+
+def test_scores_bounds_and_pool() -> None:
+    assert lrs(100.0, -100.0) == pytest.approx(0.0, abs=1e-9)
+    assert lrs(-100.0, 100.0) == pytest.approx(100.0)
+    assert lrs(0.0, 0.0) == pytest.approx((1 - math.exp(-1)) / (math.e - math.exp(-1)) * 100)
+    assert lrs(None, 1.0) is None
+    a, b = [1.0, 2.0, 3.0], [10.0, 11.0]
+    m, s, n = pool([(statistics.fmean(a), statistics.pstdev(a), 3), (statistics.fmean(b), statistics.pstdev(b), 2)])
+    assert n == 5 and m == pytest.approx(statistics.fmean(a + b)) and s == pytest.approx(statistics.pstdev(a + b))
+
+
+def test_load_and_aggregate_keys(board: dict) -> None:
+    res = load_results(board["res"])
+    assert len(res.perf) == 1 and len(res.skipped) == 1
+    cells = aggregate(res.accuracy)
+    labels = {(k.budget, k.label, k.ipc) for k in cells}
+    assert ("cpu", "dsa+flip", 10) in labels and ("cpu", "whole", None) in labels
+
+
+def test_report_cli(tmp_path: Path, board: dict, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "cli" / "LB.md"
+    assert report_cli([f"results_dir={board['res']}", f"out={out}", "html=null"]) == 0
+    assert out.exists() and not (tmp_path / "cli" / "leaderboard.html").exists()
+    assert (tmp_path / "cli" / "figures" / "acc_vs_ipc-fashion_mnist-cpu.png").exists()
+    assert report_cli(["bogus=1"]) == 2
+    assert "unknown argument 'bogus'" in capsys.readouterr().err
