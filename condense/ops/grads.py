@@ -10,15 +10,18 @@
 Two formulations of :func:`per_class_grads` compute the same numbers:
 
 - ``vmap``: ``torch.func`` — ``vmap(grad(functional_call))`` over the class dimension with the
-  weights shared (not batched). One call processes all ``K*B`` images; on a GPU this replaces
-  ``K`` sequences of small kernels by one.
-- ``loop``: one forward and one ``torch.autograd.grad`` per class.
+  weights shared (not batched): one call for all ``K*B`` images, no Python loop over classes.
+- ``loop``: one forward and one ``torch.autograd.grad`` per class, optionally in micro-batches.
 
-On a CPU the loop is the faster one, measured on 2 cores (ConvNet-3, 10 classes x 256 real
-images; ``benchmarks/perf/gradient_matching.py``): per-image cost of a forward + backward does
-not fall with the batch size past ~64 images, and vmap's batching rules for the per-class
-weight gradient (grouped convolution backward) and for GroupNorm are slower than ``K`` plain
-calls. ``impl="auto"`` therefore picks ``loop`` on CPU and ``vmap`` elsewhere.
+On a CPU the loop is the faster one (this 2-core machine, ConvNet-3, 10 classes): vmap took
+~1.8x the loop's time, because its batching rules for the per-class weight gradient (a grouped
+convolution backward) and for GroupNorm are slower than ``K`` plain calls, and on a CPU the
+per-image cost of a forward + backward does not fall with the batch size, so one big batch
+gains nothing. It rises instead: tensors above glibc's mmap threshold are page-faulted in on
+every allocation, so ``micro_batch=32`` makes the first-order (real-batch) gradients ~1.3x
+faster than 256-image forwards (``benchmarks/perf/gradient_matching.py``). ``impl="auto"``
+picks ``loop`` on CPU and ``vmap`` elsewhere (where one call replaces ``K`` sequences of small
+kernels; not measured here, no GPU: check with the benchmark before relying on it).
 
 LayerNorm: a vmapped ``grad`` of LayerNorm back-propagates wrong gradients into its input
 (pytorch/functorch#534, still so in torch 2.14); with ``create_graph`` such models use ``loop``.
@@ -259,7 +262,7 @@ def _per_class_loop(
                     g = tuple(t.detach() for t in g)
                 w = xm.shape[0] / b
                 g = [t * w for t in g] if step < b else list(g)
-                acc = g if acc is None else [a + t for a, t in zip(acc, g)]
+                acc = g if acc is None else [a + t for a, t in zip(acc, g, strict=True)]
             rows.append(acc)  # type: ignore[arg-type]
     return {n: torch.stack([r[i] for r in rows]) for i, n in enumerate(names)}
 

@@ -23,6 +23,11 @@ the image gradient is taken with ``torch.autograd.grad`` w.r.t. the images only 
 outer loop shared by all classes (per-class parameters), see ``DSA.sample_per_group``; BatchNorm
 statistics are set exactly from the 16-per-class batch (the reference does one running-average
 update with momentum 0.1, see :func:`condense.ops.freeze_bn_stats`).
+
+Speed (CPU): per-class gradients use ``impl=loop`` with 32-image micro-batches for the real
+batch, and inner-training batches are accumulated over 32-image forwards (same gradients; see
+``micro_batch``); ``bf16`` autocasts the forwards. ``benchmarks/perf/gradient_matching.py``
+times a matching step against the reference's per-class loop.
 """
 
 from __future__ import annotations
@@ -101,6 +106,10 @@ def _capped_batch(ctx: SynthContext, want: int) -> int:
     return min(want, int(smallest)) if smallest is not None else want
 
 
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def _train_epochs(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -112,15 +121,21 @@ def _train_epochs(
     generator: torch.Generator,
     augment: Any = None,
     bf16: bool = False,
+    micro_batch: int = 0,
 ) -> None:
     """``epochs`` passes of SGD over ``(images, labels)`` (detached), shuffled per epoch.
 
     Args:
         images: ``(N, C, H, W)``; labels: ``(N,)``.
         augment: a DSA (fresh, non-siamese parameters per batch) or ``None``.
+        micro_batch: accumulate each batch's gradient over forwards of this many images (same
+            gradient; 0 = one forward). Ignored for BatchNorm networks, whose train-mode
+            statistics depend on the forward's batch.
     """
     images, labels = images.detach(), labels.detach()
     n = images.shape[0]
+    if _has_batchnorm(model):
+        micro_batch = 0
     model.train()
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator, device=generator.device).to(images.device)
@@ -128,10 +143,12 @@ def _train_epochs(
             x, y = images[idx], labels[idx]
             if augment is not None:
                 x = augment.apply(x, augment.sample(x.shape[0], generator, device=x.device))
-            with _autocast(images.device, bf16):
-                loss = F.cross_entropy(_upcast(model(x)), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            step = micro_batch if 0 < micro_batch < x.shape[0] else x.shape[0]
+            for xm, ym in zip(x.split(step), y.split(step), strict=True):
+                with _autocast(images.device, bf16):
+                    loss = F.cross_entropy(_upcast(model(xm)), ym)
+                (loss * (xm.shape[0] / x.shape[0])).backward()
             opt.step()
 
 
@@ -166,8 +183,9 @@ class GradientMatchingConfig:
         grad_impl: per-class gradient formulation, ``auto`` | ``vmap`` | ``loop``
             (:func:`condense.ops.per_class_grads`; same numbers, different speed).
         chunk_classes: ``vmap`` only: classes per vectorised call (0 = all; bounds memory).
-        micro_batch: ``loop`` only: real images per forward within a class (same gradient, less
-            memory traffic); ``None`` = :data:`CPU_MICRO_BATCH` on CPU, the whole batch elsewhere;
+        micro_batch: images per forward for the real per-class gradients (``loop`` only) and
+            the inner-training batches (not with BatchNorm): same gradients, less memory
+            traffic; ``None`` = :data:`CPU_MICRO_BATCH` on CPU, the whole batch elsewhere;
             0 = the whole batch.
     """
 
@@ -310,9 +328,7 @@ class GradientMatching(ImageOptimizerMixin, Synthesizer):
         dev = real.device
         k = real.shape[0]
         chunk = cfg.chunk_classes or None
-        micro = cfg.micro_batch
-        if micro is None:
-            micro = CPU_MICRO_BATCH if dev.type == "cpu" else 0
+        micro = self._micro_batch(dev)
         with _autocast(dev, cfg.bf16):
             g_real = per_class_grads(model, real, _class_labels(k, real.shape[1], dev),
                                      create_graph=False, params=params, impl=cfg.grad_impl,
@@ -322,13 +338,18 @@ class GradientMatching(ImageOptimizerMixin, Synthesizer):
                                     chunk_size=chunk)
         return gradient_distance(g_real, g_syn, cfg.dis_metric)
 
+    def _micro_batch(self, device: torch.device) -> int:
+        if self.cfg.micro_batch is not None:
+            return self.cfg.micro_batch
+        return CPU_MICRO_BATCH if device.type == "cpu" else 0
+
     def match_step(self, model: nn.Module, params: dict[str, torch.Tensor], syn: SyntheticSet) -> torch.Tensor:
         """Freeze BatchNorm statistics, compute the matching loss, one SGD step on the images.
 
         Returns:
             The summed (over classes) loss, detached.
         """
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if _has_batchnorm(model):
             self.freeze_bn(model)
         real, syn_views = self.views(syn)
         loss = self.matching_loss(model, params, real, syn_views).sum()
@@ -362,6 +383,7 @@ class GradientMatching(ImageOptimizerMixin, Synthesizer):
             generator=self.ctx.generator,
             augment=self._aug,
             bf16=self.cfg.bf16,
+            micro_batch=self._micro_batch(images.device),
         )
 
 

@@ -98,12 +98,18 @@ def test_missing_dataset_is_one_clear_error(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+SELECTION = ("random", "herding", "kcenter")
+SMOKE = [(m, False) for m in ("random", "herding", "kcenter", "dc", "dsa", "dm", "datadam")] + [
+    (m, True) for m in ("dsa", "dm", "datadam")]
+
+
 @needs_fmnist
-@pytest.mark.parametrize("method", ["random", "herding", "kcenter"])
-def test_smoke_run_through_the_cli(tmp_path, method):
+@pytest.mark.parametrize("method,flip", SMOKE, ids=[m + ("+flip" if f else "") for m, f in SMOKE])
+def test_smoke_run_through_the_cli(tmp_path, method, flip):
     out = tmp_path / "run"
-    r = _run([f"method={method}", "ipc=2", "budget=smoke", f"hydra.run.dir={out}",
-              f"cache_dir={tmp_path / 'cache'}", "export=[tensors]"], cwd=tmp_path)
+    extra = ["method.flip=true"] if flip else []
+    r = _run([f"method={method}", "ipc=1", "budget=smoke", f"hydra.run.dir={out}",
+              f"cache_dir={tmp_path / 'cache'}", "export=[tensors]", *extra], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     for f in ("synset.safetensors", "manifest.json", "preview.png", "eval.json", "result.json"):
         assert (out / f).exists(), f
@@ -111,8 +117,11 @@ def test_smoke_run_through_the_cli(tmp_path, method):
     assert ev["summary"]["convnet"]["n"] == 1 and 0 <= ev["runs"][0]["test_acc"] <= 100
     assert "accuracy (convnet" in r.stdout and f"artifact: {out}" in r.stdout
     res = json.loads((out / "result.json").read_text())
-    assert res["kind"] == "accuracy" and res["method"] == method and res["ipc"] == 2
+    assert res["kind"] == "accuracy" and res["method"] == method and res["ipc"] == 1
+    assert res["flip"] == flip and res["distill"]["iterations"] >= (0 if method in SELECTION else 1)
     assert (out / "export-tensors" / "images.pt").exists()
+    if method != "random":
+        return
     # condense-eval on the artifact
     r2 = _run([f"artifact={out}", "budget=smoke", f"out={tmp_path / 'e.json'}"], cwd=tmp_path, cmd=CONDENSE_EVAL)
     assert r2.returncode == 0, r2.stderr[-3000:]

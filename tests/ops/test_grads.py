@@ -79,7 +79,7 @@ def ref_distance(gr: list[torch.Tensor], gs: list[torch.Tensor], metric: str) ->
     """The reference's per-class distance, written out per tensor shape."""
     if metric == "ours":
         total = torch.zeros((), dtype=gr[0].dtype)
-        for a, b in zip(gr, gs):
+        for a, b in zip(gr, gs, strict=True):
             if a.dim() == 1:
                 continue
             if a.dim() in (3, 4):
@@ -240,7 +240,7 @@ def test_per_sample_grads_match_loop(chunk: int | None) -> None:
     plist = list(net.named_parameters())
     for i in range(x.shape[0]):
         ref = torch.autograd.grad(F.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), [p for _, p in plist])
-        for (name, _), r in zip(plist, ref):
+        for (name, _), r in zip(plist, ref, strict=True):
             torch.testing.assert_close(out[name][i], r, rtol=1e-7, atol=1e-12)
     bn = make_net("bn")
     with pytest.raises(ConfigError, match="eval"):

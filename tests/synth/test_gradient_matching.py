@@ -231,3 +231,20 @@ def test_deterministic(cls: type[GradientMatching]) -> None:
         runs.append((losses, syn.images.detach().clone()))
     assert runs[0][0] == runs[1][0]
     assert torch.equal(runs[0][1], runs[1][1])
+
+
+def test_inner_training_micro_batch_same_update() -> None:
+    from condense.models import create_model
+
+    images = torch.randn(10, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(K).repeat_interleave(3)[:10]
+    for name in ("convnet", "convnet_bn"):
+        nets = []
+        for micro in (0, 3):
+            net = create_model(name, 1, K, 28, generator=torch.Generator().manual_seed(1), width=8, depth=2)
+            opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)
+            gm._train_epochs(net, opt, images, labels, epochs=2, batch_size=8,
+                             generator=torch.Generator().manual_seed(2), micro_batch=micro)
+            nets.append(net)
+        for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
