@@ -18,7 +18,7 @@ setup: $(STAMP) data
 
 # Distil Fashion-MNIST (ipc 10, best method at the cpu budget), evaluate it, print accuracy + path.
 demo: setup
-	$(BIN)/condense demo=true
+	$(BIN)/condense method=dm dataset=fashion_mnist ipc=10 budget=demo
 
 test: setup
 	$(BIN)/python -m pytest -q

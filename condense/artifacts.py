@@ -124,7 +124,7 @@ def save_synset(
         "config": meta.config,
         "seed": meta.seed,
         "code_version": meta.code_version or code_version(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "files": files,
         "storage_bytes": sum(f["bytes"] for f in files.values()),
         "tensor_bytes": files[SYNSET]["bytes"],

@@ -151,8 +151,15 @@ def distil(cfg: Any, run_dir: Path) -> dict[str, Any]:
     import dataclasses
 
     from condense.artifacts import export_imagefolder, export_tensors, save_synset
-    from condense.cli.build import (check_ipc, load_data, method_class, run_config, synth_context,
-                                    to_plain, validate)
+    from condense.cli.build import (
+        check_ipc,
+        load_data,
+        method_class,
+        run_config,
+        synth_context,
+        to_plain,
+        validate,
+    )
     from condense.eval import Evaluator, write_eval_json
     from condense.provenance import code_version, resolve_device, write_json_atomic
     from condense.synth.runner import EvalCallback, WandbCallback, run

@@ -161,7 +161,7 @@ class Evaluator:
                                     vectorize=c.vectorize)
             tx, ty = self._test_split()
             accs = ensemble_accuracy(ens, tx, ty, bf16=c.bf16)
-            for s, a in zip(seeds, accs):
+            for s, a in zip(seeds, accs, strict=True):
                 runs.append({"arch": arch, "seed": s, "epochs": c.epochs, "lr": float(lr),
                              "test_acc": round(a, 4)})
             summary[arch] = {

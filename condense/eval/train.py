@@ -129,8 +129,6 @@ def train_classifiers(
     can_vectorize = vectorize and not any(has_batchnorm(m) for m in models)
     ens = _Ensemble(models, can_vectorize)
     ens.train(True)
-    opt = torch.optim.SGD(ens.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
     n = images.shape[0]
     bs = min(cfg.batch_size, n)
     steps = math.ceil(n / bs)
@@ -139,9 +137,9 @@ def train_classifiers(
     amp = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     groups = [ens] if ens.vectorize else [_Ensemble([m], False) for m in models]
     group_gens = [gens] if ens.vectorize else [[g] for g in gens]
-    for group, ggens in zip(groups, group_gens):
-        gopt = opt if ens.vectorize else torch.optim.SGD(
-            group.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    for group, ggens in zip(groups, group_gens, strict=True):
+        gopt = torch.optim.SGD(group.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
         for ep in range(cfg.epochs):
             if ep == decay_epoch and ep > 0:
                 for pg in gopt.param_groups:
@@ -158,6 +156,9 @@ def train_classifiers(
                 gopt.zero_grad(set_to_none=True)
                 loss.backward()
                 gopt.step()
+            if (ep + 1) % max(1, cfg.epochs // 5) == 0:
+                log.info("trained %d/%d epochs of %d model(s) (last batch loss %.4f)", ep + 1, cfg.epochs,
+                         len(ggens), loss.item() / len(ggens))
     return ens
 
 

@@ -1,8 +1,10 @@
 """Synthesizers (one per method) and the runner. Importing this registers every method."""
 
-from condense.synth import distribution_matching  # noqa: F401  (dm, datadam)
-from condense.synth import gradient_matching  # noqa: F401  (dc, dsa)
-from condense.synth import selection  # noqa: F401  (random, herding, kcenter)
+from condense.synth import (
+    distribution_matching,  # noqa: F401  (dm, datadam)
+    gradient_matching,  # noqa: F401  (dc, dsa)
+    selection,  # noqa: F401  (random, herding, kcenter)
+)
 from condense.synth.base import SYNTHESIZERS, SynthContext, Synthesizer, register_synthesizer
 
 __all__ = ["SYNTHESIZERS", "SynthContext", "Synthesizer", "register_synthesizer"]

@@ -111,6 +111,7 @@ class Synthesizer(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (called after ``init_set``)."""
+        return None
 
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.cfg)
