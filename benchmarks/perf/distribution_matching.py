@@ -26,33 +26,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import load_data  # noqa: I001  (sibling module of this script)
 
 from condense.augment import DSA, default_strategy
 from condense.data import ClassIndex
-from condense.errors import CondenseError
 from condense.provenance import code_version, machine_info, write_json_atomic
 from condense.runtime import keep_freed_memory
 from condense.synth.base import SynthContext
 from condense.synth.distribution_matching import AttentionMatching, DistributionMatching
-from condense.types import DatasetSpec, RealData
+from condense.types import RealData
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def load_data(name: str) -> tuple[RealData, str]:
-    """The dataset if its files are here (never downloads), else random tensors of its shape."""
-    try:
-        from condense.data import build_dataset
-
-        return build_dataset(name, allow_download=False), name
-    except (CondenseError, OSError, ImportError) as err:
-        logging.warning("%s not available (%s); using random 1x28x28 tensors", name, err)
-    k, per_class = 10, 600
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(k * per_class, 1, 28, 28, generator=g)
-    y = torch.arange(k).repeat_interleave(per_class)
-    spec = DatasetSpec("random", 1, (28, 28), k, tuple(map(str, range(k))), (0.0,), (1.0,))
-    return RealData(spec, x, y, x[:10], y[:10]), "random"
 
 
 def make_ctx(data: RealData, args: argparse.Namespace, seed: int) -> SynthContext:

@@ -27,7 +27,6 @@ other cost of an outer iteration at ipc >= 10.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import logging
 import os
@@ -41,33 +40,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import load_data  # noqa: I001  (sibling module of this script)
 
 from condense.augment import DSA, default_strategy
 from condense.data import ClassIndex
-from condense.errors import CondenseError
 from condense.ops import matching_params
 from condense.provenance import code_version, machine_info, write_json_atomic
+from condense.runtime import keep_freed_memory
 from condense.synth.base import SynthContext
 from condense.synth.gradient_matching import DSAGradientMatching, GradientMatching
-from condense.types import DatasetSpec, RealData, SyntheticSet
+from condense.types import RealData, SyntheticSet
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def load_data(name: str) -> tuple[RealData, str]:
-    """The dataset if its files are here (never downloads), else random tensors of its shape."""
-    try:
-        from condense.data import build_dataset
-
-        return build_dataset(name, allow_download=False), name
-    except (CondenseError, OSError, ImportError) as err:
-        logging.warning("%s not available (%s); using random 1x28x28 tensors", name, err)
-    k, per_class = 10, 600
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(k * per_class, 1, 28, 28, generator=g)
-    y = torch.arange(k).repeat_interleave(per_class)
-    spec = DatasetSpec("random", 1, (28, 28), k, tuple(map(str, range(k))), (0.0,), (1.0,))
-    return RealData(spec, x, y, x[:10], y[:10]), "random"
 
 
 def first_classes(data: RealData, k: int) -> RealData:
@@ -78,16 +62,6 @@ def first_classes(data: RealData, k: int) -> RealData:
     spec = dataclasses.replace(data.spec, num_classes=k, class_names=data.spec.class_names[:k])
     return RealData(spec, data.train_images[keep_tr], data.train_labels[keep_tr],
                     data.test_images[keep_te], data.test_labels[keep_te])
-
-
-def keep_freed_memory() -> bool:
-    """glibc only: never return large freed blocks to the OS (no mmap/munmap per tensor)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
 
 
 def make_ctx(data: RealData, args: argparse.Namespace, seed: int, augment: bool = False) -> SynthContext:

@@ -77,10 +77,26 @@ def siamese_views(
     return dsa.apply_grouped(real, params), dsa.apply_grouped(syn, params)
 
 
+def require_augmenter(method: str, dsa: bool, ctx: SynthContext) -> None:
+    """A method configured with ``dsa=true`` needs ``ctx.augment``: never skip it silently."""
+    if dsa and ctx.augment is None:
+        raise ConfigError(
+            f"{method}: dsa=true but the context has no augmenter (ctx.augment is None); "
+            "build the context with a condense.augment.DSA or set dsa=false"
+        )
+
+
 class ImageOptimizerMixin:
     """SGD (momentum) over the synthetic images; state saved/restored with checkpoints."""
 
     opt: torch.optim.Optimizer
+
+    def init_optimized_set(self, init: str, lr: float, momentum: float) -> SyntheticSet:
+        """Initial images (``init``), wrapped as a set, with the image optimizer attached."""
+        ctx = self.ctx  # type: ignore[attr-defined]
+        syn = new_synthetic_set(ctx, init_images(ctx, init), self.name, self.config_dict())  # type: ignore[attr-defined]
+        self.make_image_optimizer(syn, lr=lr, momentum=momentum)
+        return syn
 
     def make_image_optimizer(self, syn: SyntheticSet, lr: float, momentum: float) -> None:
         syn.images.requires_grad_(True)

@@ -53,8 +53,7 @@ from condense.ops.mmd import group_means, mean_sq_distance
 from condense.synth._matching import (
     INITS,
     ImageOptimizerMixin,
-    init_images,
-    new_synthetic_set,
+    require_augmenter,
     siamese_views,
 )
 from condense.synth.base import SynthContext, Synthesizer, register_synthesizer
@@ -305,19 +304,12 @@ class DistributionMatching(ImageOptimizerMixin, Synthesizer):
                 )
         if cfg.init not in INITS:
             raise ConfigError(f"{self.name}: unknown init {cfg.init!r}; valid: {', '.join(INITS)}")
-        if cfg.dsa and ctx.augment is None:
-            raise ConfigError(
-                f"{self.name}: dsa=true but the context has no augmenter (ctx.augment is None); "
-                "build the context with a condense.augment.DSA or set dsa=false"
-            )
+        require_augmenter(self.name, cfg.dsa, ctx)
 
     # -- contract ---------------------------------------------------------------------------
 
     def init_set(self) -> SyntheticSet:
-        images = init_images(self.ctx, self.cfg.init)
-        syn = new_synthetic_set(self.ctx, images, self.name, self.config_dict())
-        self.make_image_optimizer(syn, lr=float(self.cfg.lr_img), momentum=self.cfg.momentum)
-        return syn
+        return self.init_optimized_set(self.cfg.init, lr=float(self.cfg.lr_img), momentum=self.cfg.momentum)
 
     def step(self, syn: SyntheticSet, it: int) -> dict[str, float]:
         model = self.matching_model()

@@ -49,8 +49,7 @@ from condense.ops.grads import IMPLS, _upcast, freeze_bn_stats, matching_params,
 from condense.synth._matching import (
     INITS,
     ImageOptimizerMixin,
-    init_images,
-    new_synthetic_set,
+    require_augmenter,
     siamese_views,
 )
 from condense.synth.base import SynthContext, Synthesizer, register_synthesizer
@@ -267,19 +266,12 @@ class GradientMatching(ImageOptimizerMixin, Synthesizer):
         for key, (value, valid) in choices.items():
             if value not in valid:
                 raise ConfigError(f"{self.name}: unknown {key} {value!r}; valid: {', '.join(valid)}")
-        if cfg.dsa and ctx.augment is None:
-            raise ConfigError(
-                f"{self.name}: dsa=true but the context has no augmenter (ctx.augment is None); "
-                "build the context with a condense.augment.DSA or set dsa=false"
-            )
+        require_augmenter(self.name, cfg.dsa, ctx)
 
     # -- contract ---------------------------------------------------------------------------
 
     def init_set(self) -> SyntheticSet:
-        images = init_images(self.ctx, self.cfg.init)
-        syn = new_synthetic_set(self.ctx, images, self.name, self.config_dict())
-        self.make_image_optimizer(syn, lr=self.cfg.lr_img, momentum=self.cfg.momentum)
-        return syn
+        return self.init_optimized_set(self.cfg.init, lr=self.cfg.lr_img, momentum=self.cfg.momentum)
 
     def step(self, syn: SyntheticSet, it: int) -> dict[str, float]:
         cfg = self.cfg
