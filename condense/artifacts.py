@@ -102,7 +102,9 @@ def save_synset(
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = syn.meta
     blobs = {
-        SYNSET: st_save(_tensors(syn), metadata={"format": FORMAT, "schema_version": str(SCHEMA_VERSION)}),
+        # ONE metadata entry: safetensors orders metadata keys by a hash map, so several keys would
+        # make the bytes differ between processes (the synset must be byte-identical per seed).
+        SYNSET: st_save(_tensors(syn), metadata={"format": f"{FORMAT};schema_version={SCHEMA_VERSION}"}),
         PREVIEW: preview_png(syn),
     }
     for name, data in blobs.items():

@@ -40,8 +40,9 @@ def _one_line(e: Exception) -> str:
         return f"unknown {g} {bad!r}; valid choices: {', '.join(group_choices(g))}"
     m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
     if m:
-        return (f"unknown config key {m.group(1)!r} (use +{m.group(1)}=... only for method fields; "
-                f"see conf/config.yaml for the valid keys)")
+        return (f"unknown config key {m.group(1)!r}; the valid top-level keys are in conf/config.yaml "
+                f"(a key missing from a group's defaults, e.g. a model kwarg, is added with "
+                f"+{m.group(1)}=...)")
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 

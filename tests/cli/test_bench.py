@@ -176,7 +176,7 @@ def test_real_smoke_suite_and_report(tmp_path: Path) -> None:
         assert rec["config"]["method"]["name"] == m and rec["code_version"] and rec["machine"]
         assert rec["distill"]["wall_s"] >= 0 and "iterations" in rec["distill"]
         assert rec["eval"]["protocol"]["archs"] == ["convnet"] and rec["eval"]["runs"][0]["test_acc"] > 0
-        assert (Path(rec["bench"]["run_dir"]) / "preview.png").exists()
+        assert (Path(rec["run_dir"]) / "preview.png").exists()
     out = tmp_path / "site" / "LEADERBOARD.md"
     assert report([f"results_dir={res}", f"out={out}", f"html={tmp_path / 'site' / 'lb.html'}"]) == 0
     assert (tmp_path / "site" / "figures" / "preview-fashion_mnist-smoke-dm-ipc1.png").exists()

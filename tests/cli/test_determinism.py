@@ -13,7 +13,7 @@ from tests.cli.test_cli import CONDENSE, _env, _run
 from tests.conftest import needs_fmnist
 
 ARGS = ["method=dm", "ipc=2", "budget=smoke", "budget.max_seconds=null", "evaluate=false", "progress=false",
-        "model.kwargs.width=32"]
+        "+model.kwargs.width=32"]
 
 
 @needs_fmnist
