@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from condense.models import has_batchnorm
+
 log = logging.getLogger(__name__)
 
 
@@ -39,8 +41,6 @@ class TrainConfig:
     bf16: bool = False
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:

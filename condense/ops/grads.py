@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from condense.errors import ConfigError
+from condense.models import has_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ def _warn_once(msg: str) -> None:
         log.warning(msg)
 
 
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, _BATCHNORMS) for m in model.modules())
 
 
 def _has_layernorm(model: nn.Module) -> bool:
@@ -201,7 +200,7 @@ def per_class_grads(
             "vmapped grad (pytorch/functorch#534); using impl='loop' for this model"
         )
         kind = "loop"
-    if kind == "vmap" and torch.is_autocast_enabled(x.device.type) and _has_batchnorm(model):
+    if kind == "vmap" and torch.is_autocast_enabled(x.device.type) and has_batchnorm(model):
         _warn_once(
             "per_class_grads: BatchNorm's batching rule fails on mixed dtypes under autocast "
             "(pytorch/pytorch#184890); using impl='loop' for this model"

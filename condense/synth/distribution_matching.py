@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from condense.errors import ConfigError, NonFiniteError
+from condense.models import has_batchnorm
 from condense.ops.features import (
     attention_map,
     capture_features,
@@ -337,7 +338,7 @@ class DistributionMatching(ImageOptimizerMixin, Synthesizer):
         model = self.ctx.make_model()
         model.requires_grad_(False)
         model.train()
-        if self.cfg.chunk_classes and not self._warned_bn and _has_batchnorm(model):
+        if self.cfg.chunk_classes and not self._warned_bn and has_batchnorm(model):
             log.warning(
                 "%s: chunk_classes=%d with a BatchNorm network: real batch statistics are "
                 "per chunk, not over all classes",
@@ -451,5 +452,3 @@ class AttentionMatching(DistributionMatching):
         )
 
 
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condense.errors import ConfigError, NonFiniteError
+from condense.models import has_batchnorm
 from condense.ops.distances import METRICS, gradient_distance
 from condense.ops.grads import IMPLS, _upcast, freeze_bn_stats, matching_params, per_class_grads
 from condense.synth._matching import (
@@ -105,8 +106,6 @@ def _capped_batch(ctx: SynthContext, want: int) -> int:
     return min(want, int(smallest)) if smallest is not None else want
 
 
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _train_epochs(
@@ -133,7 +132,7 @@ def _train_epochs(
     """
     images, labels = images.detach(), labels.detach()
     n = images.shape[0]
-    if _has_batchnorm(model):
+    if has_batchnorm(model):
         micro_batch = 0
     model.train()
     for _ in range(epochs):
@@ -341,7 +340,7 @@ class GradientMatching(ImageOptimizerMixin, Synthesizer):
         Returns:
             The summed (over classes) loss, detached.
         """
-        if _has_batchnorm(model):
+        if has_batchnorm(model):
             self.freeze_bn(model)
         real, syn_views = self.views(syn)
         loss = self.matching_loss(model, params, real, syn_views).sum()
