@@ -36,7 +36,9 @@ class EvalConfig:
         dsa: DSA augmentation of every training batch (``dsa_strategy`` None = dataset default).
         select_lr: candidate lrs; when non-empty one model per candidate is trained and scored on
             ``val_size`` held-out REAL TRAINING images, the best is used (never the test set).
-        vectorize: train the models of one architecture together (torch.func vmap) where possible.
+        vectorize: train the models of one architecture together (torch.func vmap) where possible;
+            None = auto: on CUDA only (measured on a 2-core CPU: 0.79x, i.e. slower than one model
+            after the other; benchmarks/perf/eval_ensemble.py).
         seed: model i of an architecture uses seed ``seed * 1000 + i``.
     """
 
@@ -54,7 +56,7 @@ class EvalConfig:
     select_lr: list[float] = field(default_factory=list)
     val_size: int = 5000
     test_size: int = 0  # 0: the whole test split; else a fixed class-agnostic random subset (quick looks)
-    vectorize: bool = True
+    vectorize: bool | None = None
     bf16: bool = False
     seed: int = 0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +85,12 @@ class Evaluator:
             from condense.augment import DSA, default_strategy
 
             self._augment = DSA(cfg.dsa_strategy or default_strategy(data.spec.name))
+
+    @property
+    def vectorize(self) -> bool:
+        if self.cfg.vectorize is None:
+            return self.device.type == "cuda"
+        return bool(self.cfg.vectorize)
 
     def _make_model(self, arch: str):  # noqa: ANN202
         from condense.models import create_model
@@ -158,7 +166,7 @@ class Evaluator:
             seeds = [c.seed * 1000 + i for i in range(c.num_models)]
             ens = train_classifiers(self._make_model(arch), images, targets, seeds,
                                     self._train_cfg(float(lr)), augment=self._augment_fn(),
-                                    vectorize=c.vectorize)
+                                    vectorize=self.vectorize)
             tx, ty = self._test_split()
             accs = ensemble_accuracy(ens, tx, ty, bf16=c.bf16)
             for s, a in zip(seeds, accs, strict=True):
@@ -175,6 +183,7 @@ class Evaluator:
                     "lr_decay_at": self._train_cfg(c.lr).lr_decay_at, "lr_decay_factor": 0.1,
                     "labels": "soft" if targets.dim() == 2 else "hard",
                     "learned_lr": learned_lr, "lr_selection": selection or None,
+                    "vectorized": self.vectorize,
                     "dsa_strategy": self._augment.strategy if self._augment is not None else None}
         return EvalReport(runs=runs, summary=summary, protocol=protocol,
                           wall_s=time.perf_counter() - t0)
