@@ -119,6 +119,8 @@ def load_results(results_dir: str | Path) -> Results:
             out.skipped.append((path, "unparsable"))
             continue
         kind = rec.get("kind") if isinstance(rec, dict) else None
+        if kind == "ablation":  # one-off measurements (e.g. bf16 accuracy effect): not leaderboard cells
+            continue
         bad = perf_problems(rec) if kind == "perf" else accuracy_problems(rec)
         if bad:
             out.skipped.append((path, "; ".join(bad)))
