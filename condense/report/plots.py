@@ -55,13 +55,7 @@ def accuracy_vs_ipc(cells: list[Cell], whole: Cell | None, title: str, path: Pat
     if ipcs and max(ipcs) / max(min(ipcs), 1) >= 5:
         ax.set_xscale("log")
     ax.set_xticks(ipcs, [str(i) for i in ipcs])
-    ax.set_xlabel("images per class")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.savefig(path, **_SAVE)
-    return path
+    return _finish_accuracy_plot(fig, ax, "images per class", title, path)
 
 
 def accuracy_vs_time(cells: list[Cell], title: str, path: Path) -> Path:
@@ -79,7 +73,12 @@ def accuracy_vs_time(cells: list[Cell], title: str, path: Path) -> Path:
         ax.plot(xs, ys, color=colors[lab], marker="o", linestyle="-", alpha=0.85, label=lab)
         for c, x, y in zip(mine, xs, ys, strict=True):
             ax.annotate(f"{c.key.ipc}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.set_xlabel("distillation wall time (minutes)")
+    return _finish_accuracy_plot(fig, ax, "distillation wall time (minutes)", title, path)
+
+
+def _finish_accuracy_plot(fig, ax, xlabel: str, title: str, path: Path) -> Path:  # noqa: ANN001
+    """Shared labels, grid, legend and save of the accuracy plots."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
