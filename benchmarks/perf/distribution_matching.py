@@ -7,7 +7,9 @@ reshape). The baseline, written here, is the reference repo's structure: for eac
 its real and synthetic batch with the same parameters, forward each, mean, squared distance;
 then one backward and one SGD step. Both draw the same network, real batch and DSA parameters
 from a generator in the same state, so their losses must agree (checked). Ours, the baseline and
-ours with bf16 autocast are timed alternately in one process; medians of the repeats.
+ours with bf16 autocast (and with ``compile=true``, fp32 and bf16) are timed alternately in one
+process; medians of the repeats. Both sides run with ``condense.runtime.keep_freed_memory`` as the
+CLI does (``--no-keep-heap``: neither).
 
     python benchmarks/perf/distribution_matching.py --quick --out benchmarks/results/perf/dm_quick.json
 """
@@ -98,19 +100,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dataset", default="fashion_mnist")
     ap.add_argument("--no-datadam", action="store_true", help="skip the DataDAM step timing")
     ap.add_argument(
-        "--compile",
+        "--no-compile",
         action="store_true",
-        help="also time compile=true and compile=true+bf16 (the first step compiles, ~15-30 s)",
+        help="skip the compile=true and compile=true+bf16 variants (their first step compiles, ~15-30 s; "
+             "--quick skips them too)",
     )
     ap.add_argument(
-        "--keep-heap",
+        "--no-keep-heap",
         action="store_true",
-        help="glibc: keep freed memory for reuse instead of unmapping it (see keep_freed_memory)",
+        help="do not apply condense.runtime.keep_freed_memory (the CLI applies it; without it both "
+             "sides pay page faults on big tensors, the batched forward most)",
     )
     ap.add_argument("--out", type=Path, default=None, help="where to write the perf JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    heap_kept = keep_freed_memory() if args.keep_heap else False
+    heap_kept = False if args.no_keep_heap else keep_freed_memory()
+    args.compile = not (args.no_compile or args.quick)
     repeats = args.repeats or (3 if args.quick else 7)
 
     data, data_name = load_data(args.dataset)

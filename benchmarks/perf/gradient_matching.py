@@ -12,6 +12,12 @@ over classes, one SGD step on the images.
   batch, ``torch.autograd.grad``, forward the synthetic images, ``autograd.grad(create_graph=True)``,
   the reference's layer-wise distance over all weights; then ``loss.backward()`` and a step.
 - ours_bf16: ours under bfloat16 autocast. ours_vmap (not with ``--quick``): ``impl=vmap``.
+- ours_compile / ours_compile_bf16: ``compile=true`` (the real-batch forward + loss through
+  ``torch.compile``; compiled during the untimed same-draw check).
+
+Both sides run with ``condense.runtime.keep_freed_memory`` (as the CLI does; ``--no-keep-heap``
+turns it off for both): without it a CPU step is dominated by page faults on big tensors, which
+flatters micro-batching and penalises the 256-image baseline.
 
 ``--quick`` uses the first 4 classes: the per-class work is the published one, so the ratio is
 that of the 10-class step, which takes 2.5x as long.
@@ -158,12 +164,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--dataset", default="fashion_mnist")
     ap.add_argument("--no-vmap", action="store_true", help="skip the impl=vmap variant")
-    ap.add_argument("--keep-heap", action="store_true",
-                    help="glibc: keep freed memory for reuse instead of unmapping it")
+    ap.add_argument("--no-keep-heap", action="store_true",
+                    help="do not apply condense.runtime.keep_freed_memory (the CLI applies it; "
+                         "without it both sides pay page faults on big tensors)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip the compile=true variants (the first step compiles, ~10-30 s)")
     ap.add_argument("--out", type=Path, default=None, help="where to write the perf JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    heap_kept = keep_freed_memory() if args.keep_heap else False
+    heap_kept = False if args.no_keep_heap else keep_freed_memory()
     repeats = args.repeats or (2 if args.quick else 5)
     batch_real = args.batch_real
     with_vmap = not (args.quick or args.no_vmap)
@@ -175,6 +184,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ours": GradientMatching(GradientMatching.Config(**base_cfg), make_ctx(data, args, 0)),
         "ours_bf16": GradientMatching(GradientMatching.Config(**base_cfg, bf16=True), make_ctx(data, args, 0)),
     }
+    if not args.no_compile:
+        for tag, bf16 in (("ours_compile", False), ("ours_compile_bf16", True)):
+            variants[tag] = GradientMatching(GradientMatching.Config(**base_cfg, bf16=bf16, compile=True),
+                                             make_ctx(data, args, 0))
     if with_vmap:  # 2 classes per vectorised call bounds memory (~1.5 GB at batch_real 256)
         variants["ours_vmap"] = GradientMatching(
             GradientMatching.Config(**base_cfg, grad_impl="vmap", chunk_classes=2), make_ctx(data, args, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -92,13 +93,44 @@ def method_class(cfg: DictConfig) -> type[Synthesizer]:
     return SYNTHESIZERS.get(str(cfg.method.name))
 
 
-def method_config(cfg: DictConfig) -> Any:
-    """The method's Config dataclass, with the budget's overrides for that method applied."""
+def cli_method_keys() -> set[str]:
+    """Method fields set on this run's command line (``method.batch_real=32`` -> ``batch_real``);
+    empty outside a Hydra run (e.g. the compose API)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return set()
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in task)
+    return {k.removeprefix("method.") for k in keys if k.startswith("method.")}
+
+
+def method_config(cfg: DictConfig, explicit: set[str] | None = None) -> Any:
+    """The method's Config dataclass, with the budget's overrides for that method applied,
+    except for fields set explicitly (``explicit``; default: this run's command line)."""
     cls = method_class(cfg)
     node = to_plain(cfg.method)
-    overrides = (to_plain(cfg.budget.get("method_overrides")) or {}).get(cfg.method.name, {})
-    merged = {**node, **overrides}
+    explicit = cli_method_keys() if explicit is None else explicit
+    budget = {k: v for k, v in budget_method_overrides(cfg).items() if k not in explicit}
+    merged = {**node, **budget}
     return to_dataclass(cls.Config, merged, "method", skip=("name",))
+
+
+def per_ipc(value: Any, ipc: int) -> Any:
+    """A budget value that is either plain or a table ``{ipcN: v, default: v}`` -> the value for ``ipc``."""
+    if isinstance(value, dict):
+        return value.get(f"ipc{ipc}", value.get("default"))
+    return value
+
+
+def budget_method_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The budget's settings for this run's method: ``method_overrides.<method>`` with its
+    ``ipcN`` sub-table for this ipc (if any) merged on top."""
+    table = (to_plain(cfg.budget.get("method_overrides")) or {}).get(cfg.method.name) or {}
+    flat = {k: v for k, v in table.items() if not re.fullmatch(r"ipc\d+", str(k))}
+    flat.update(table.get(f"ipc{cfg.ipc}") or {})
+    return flat
 
 
 def resolve_iterations(cfg: DictConfig, method_cfg: Any) -> int:
@@ -130,7 +162,7 @@ def resolve_iterations(cfg: DictConfig, method_cfg: Any) -> int:
 def run_config(cfg: DictConfig, run_dir: Path | None, callbacks: list) -> RunConfig:
     max_s = cfg.get("max_seconds")
     if max_s is None:
-        max_s = cfg.budget.get("max_seconds")
+        max_s = per_ipc(to_plain(cfg.budget.get("max_seconds")), int(cfg.ipc))
     if max_s is not None and not float(max_s) > 0:
         raise ConfigError(f"max_seconds must be > 0 seconds (or null), got {max_s!r}")
     ckpt_every = int(cfg.budget.get("ckpt_every") or 0)

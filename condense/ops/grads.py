@@ -28,6 +28,13 @@ LayerNorm: a vmapped ``grad`` of LayerNorm back-propagates wrong gradients into 
 Under autocast, BatchNorm's batching rule fails on mixed dtypes (pytorch/pytorch#184890); such
 models use ``loop`` too.
 
+``compile=True`` (first-order only, ``impl=loop``): the forward + loss go through
+``torch.compile`` (AOTAutograd compiles the backward too, fusing GroupNorm / ReLU / pooling
+passes that dominate a CPU step: ConvNet-3 convolutions are only ~30% of its time). The network
+is an argument of the compiled function, so fresh networks of one architecture reuse the code;
+the first call compiles (~10-30 s on a CPU). Double backward through compiled code is not
+supported by PyTorch, hence first-order only (the real batch: ~90% of a matching step).
+
 BatchNorm: both formulations need BatchNorm layers in eval mode (statistics frozen by
 :func:`freeze_bn_stats`); in train mode the batch statistics would couple the images of a class
 and vmap cannot update running statistics, so this raises.
@@ -148,6 +155,24 @@ def _ce_loss_fn(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor, Tensor
     return loss
 
 
+def _module_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(_upcast(model(x)), y)
+
+
+_COMPILED: dict[str, Callable[..., Tensor]] = {}
+
+
+def compiled_module_loss() -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
+    """``mean CE(model(x), y)`` through ``torch.compile`` (built once per process, lazily).
+
+    The network is an argument, so fresh networks of the same architecture reuse the compiled
+    code (their parameters are graph inputs); backward through it is first-order only.
+    """
+    if "module_loss" not in _COMPILED:
+        _COMPILED["module_loss"] = torch.compile(_module_loss, dynamic=False)
+    return _COMPILED["module_loss"]
+
+
 # --------------------------------------------------------------------------- per-class grads
 
 
@@ -161,6 +186,7 @@ def per_class_grads(
     impl: str = "auto",
     chunk_size: int | None = None,
     micro_batch: int = 0,
+    compile: bool = False,
 ) -> dict[str, Tensor]:
     """Gradient of each class's mean cross-entropy w.r.t. the weights, for all classes.
 
@@ -179,6 +205,9 @@ def per_class_grads(
         chunk_size: ``vmap`` only: classes per vectorised call (bounds memory); ``None`` = all.
         micro_batch: ``loop`` only: images per forward within a class (0 = the whole class
             batch); the class gradient is the size-weighted mean of the micro-batch gradients.
+        compile: ``loop`` with ``create_graph=False`` only: run forward + loss through
+            ``torch.compile`` (same numbers up to float rounding; see the module docstring).
+            ``params`` must then be the module's own parameters.
 
     Returns:
         ``{name: (K, *param.shape)}`` in the order of ``params``.
@@ -206,6 +235,16 @@ def per_class_grads(
             "(pytorch/pytorch#184890); using impl='loop' for this model"
         )
         kind = "loop"
+    if compile:
+        if create_graph:
+            raise ConfigError("per_class_grads: compile=True needs create_graph=False (PyTorch cannot "
+                              "double-backward through compiled code); valid: compile=False")
+        own = {id(t) for t in model.parameters()}
+        if any(id(t) not in own or not t.requires_grad for t in p.values()):
+            raise ConfigError("per_class_grads: compile=True needs params that are the module's own "
+                              "trainable parameters (functional or frozen weights are not supported); "
+                              "valid: compile=False")
+        return _per_class_loop(model, x, y, p, False, micro_batch, compiled=True)
     if kind == "vmap":
         return _per_class_vmap(model, x, y, p, create_graph, chunk_size)
     return _per_class_loop(model, x, y, p, create_graph, micro_batch)
@@ -235,18 +274,27 @@ def _per_class_loop(
     params: dict[str, Tensor],
     create_graph: bool,
     micro_batch: int = 0,
+    compiled: bool = False,
 ) -> dict[str, Tensor]:
     """One forward + ``torch.autograd.grad`` per class (or per micro-batch of a class).
 
     With ``micro_batch`` m, class ``k``'s gradient is the size-weighted mean of the gradients of
-    its micro-batches' mean losses (the same quantity, summed in another order).
+    its micro-batches' mean losses (the same quantity, summed in another order). ``compiled``:
+    the module's own forward + loss through :func:`compiled_module_loss` (``params`` are the
+    module's parameters, all requiring grad).
     """
     # Leaves to differentiate: the given tensors if they already require grad (keeps outer
     # graphs intact), else fresh leaves sharing their storage.
     leaves = {n: t if t.requires_grad else t.detach().requires_grad_(True) for n, t in params.items()}
     names = list(leaves)
     inputs = [leaves[n] for n in names]
-    loss_fn = _ce_loss_fn(model)
+    if compiled:
+        fn = compiled_module_loss()
+
+        def loss_fn(_p: dict[str, Tensor], xm: Tensor, ym: Tensor) -> Tensor:
+            return fn(model, xm, ym)
+    else:
+        loss_fn = _ce_loss_fn(model)
     b = x.shape[1]
     step = micro_batch if 0 < micro_batch < b else b
     rows: list[list[Tensor]] = []

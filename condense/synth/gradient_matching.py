@@ -26,7 +26,7 @@ update with momentum 0.1, see :func:`condense.ops.freeze_bn_stats`).
 
 Speed (CPU): per-class gradients use ``impl=loop`` with 32-image micro-batches for the real
 batch, and inner-training batches are accumulated over 32-image forwards (same gradients; see
-``micro_batch``); ``bf16`` autocasts the forwards. ``benchmarks/perf/gradient_matching.py``
+``micro_batch``); ``bf16`` autocasts the forwards; ``compile`` compiles the real-batch forward. ``benchmarks/perf/gradient_matching.py``
 times a matching step against the reference's per-class loop.
 """
 
@@ -185,6 +185,9 @@ class GradientMatchingConfig:
             the inner-training batches (not with BatchNorm): same gradients, less memory
             traffic; ``None`` = :data:`CPU_MICRO_BATCH` on CPU, the whole batch elsewhere;
             0 = the whole batch.
+        compile: ``torch.compile`` the real-batch forward + loss (first-order gradients, the
+            bulk of a matching step; the synthetic side stays eager because it needs a double
+            backward). The first iteration compiles (~10-30 s on a CPU).
     """
 
     iterations: int = 1000
@@ -204,6 +207,7 @@ class GradientMatchingConfig:
     grad_impl: str = "auto"
     chunk_classes: int = 0
     micro_batch: int | None = None
+    compile: bool = False
 
 
 @dataclass
@@ -323,7 +327,7 @@ class GradientMatching(ImageOptimizerMixin, Synthesizer):
         with _autocast(dev, cfg.bf16):
             g_real = per_class_grads(model, real, _class_labels(k, real.shape[1], dev),
                                      create_graph=False, params=params, impl=cfg.grad_impl,
-                                     chunk_size=chunk, micro_batch=micro)
+                                     chunk_size=chunk, micro_batch=micro, compile=cfg.compile)
             g_syn = per_class_grads(model, syn, _class_labels(k, syn.shape[1], dev),
                                     create_graph=True, params=params, impl=cfg.grad_impl,
                                     chunk_size=chunk)

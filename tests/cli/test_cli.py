@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from condense.cli.build import eval_config, method_config, resolve_iterations, validate
+from condense.cli.build import eval_config, method_config, resolve_iterations, run_config, validate
 from condense.cli.main import CONF_DIR, group_choices
 from tests.conftest import needs_fmnist
 
@@ -60,6 +60,26 @@ def test_budget_resolution():
         assert resolve_iterations(cfg, m) == 0
         cfg = compose("config", overrides=["budget=smoke", "eval.epochs=7"])
         assert eval_config(cfg).epochs == 7  # explicit beats the budget
+
+
+def test_budget_per_ipc_overrides_and_deadline():
+    """cpu: method settings with per-ipc sub-tables, a wall-clock cap per ipc, published iteration cap."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for ipc, batch, inner, secs in ((1, 256, None, 900.0), (10, 128, 10, 900.0), (50, 64, 5, 1800.0)):
+            cfg = compose("config", overrides=["method=dsa", "budget=cpu", f"ipc={ipc}"])
+            m = method_config(cfg)
+            assert (m.batch_real, m.inner_loop, m.bf16, m.compile) == (batch, inner, True, True)
+            assert run_config(cfg, None, []).max_seconds == secs
+            assert resolve_iterations(cfg, m) == 1000  # the published count caps the deadline
+        cfg = compose("config", overrides=["method=dsa", "budget=cpu", "ipc=10", "max_seconds=5",
+                                           "method.batch_real=32"])
+        assert run_config(cfg, None, []).max_seconds == 5.0  # the command line beats the budget
+        assert method_config(cfg, explicit={"batch_real"}).batch_real == 32  # ... for method.* too
+        assert method_config(cfg, explicit=set()).batch_real == 128
+        cfg = compose("config", overrides=["method=dm", "budget=demo", "ipc=10"])
+        m = method_config(cfg)
+        assert resolve_iterations(cfg, m) == 400 and run_config(cfg, None, []).max_seconds == 300.0
+        assert (m.bf16, m.compile) == (True, True)
 
 
 @pytest.mark.parametrize(

@@ -185,10 +185,12 @@ def test_variants_run(overrides: dict[str, Any]) -> None:
     assert math.isfinite(out["loss"])
 
 
-def test_vmap_and_loop_same_step() -> None:
+@pytest.mark.parametrize("other", [{"grad_impl": "vmap"}, {"compile": True}])
+def test_same_step_as_eager_loop(other: dict[str, Any]) -> None:
+    """vmap and compile=True (compiled real-batch forward) take the eager loop's step."""
     results = []
-    for impl in ("vmap", "loop"):
-        synth = make(DSAGradientMatching, ctx_for(seed=3), grad_impl=impl)
+    for kw in ({"grad_impl": "loop"}, other):
+        synth = make(DSAGradientMatching, ctx_for(seed=3), **kw)
         syn = synth.init_set()
         out = synth.step(syn, 0)
         results.append((out["loss"], syn.images.detach().clone()))
