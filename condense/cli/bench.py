@@ -6,7 +6,8 @@
 
 A suite (``benchmarks/suites/<name>.yaml``) names a grid: ``dataset`` (or ``datasets``), ``budget``,
 ``seeds`` and ``entries`` of ``{method, ipc: [...], flip: [false, true] (optional), overrides: [...]
-(optional)}``. Each grid point has one result file,
+(optional), tag: NAME (optional: an ablation variant, e.g. fp32; its file is ``ipc<k>-<budget>-<tag>-
+seed<s>.json`` and its record kind "ablation", listed by the report but never a leaderboard cell)}``. Each grid point has one result file,
 ``<results_dir>/<dataset>/<method>[+flip]/ipc<k>-<budget>-seed<s>.json``; a point whose file already
 holds a valid record is skipped, a missing or broken one is (re-)run, so an interrupted suite is
 resumed by running the same command again. Runs go through Hydra multirun of the real ``condense``
@@ -49,9 +50,9 @@ DEFAULTS: dict[str, Any] = {
 }
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=local_parallel"], "slurm": ["hydra/launcher=slurm"]}
 RESERVED = ("method", "dataset", "ipc", "budget", "seed", "result_json", "method.flip", "hydra.sweep.dir",
-            "hydra.sweep.subdir", "hydra/launcher", "resume")
+            "hydra.sweep.subdir", "hydra/launcher", "resume", "tag")
 SUITE_KEYS = {"name", "description", "dataset", "datasets", "budget", "seeds", "entries"}
-ENTRY_KEYS = {"method", "ipc", "flip", "overrides"}
+ENTRY_KEYS = {"method", "ipc", "flip", "overrides", "tag"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Run:
     budget: str
     seed: int
     overrides: tuple[str, ...] = ()
+    tag: str | None = None
 
     @property
     def label(self) -> str:
@@ -73,18 +75,22 @@ class Run:
     def result_path(self, results_dir: Path) -> Path:
         from condense.report.records import result_path
 
-        return result_path(results_dir, self.dataset, self.method, self.flip, self.ipc, self.budget, self.seed)
+        return result_path(results_dir, self.dataset, self.method, self.flip, self.ipc, self.budget, self.seed,
+                           self.tag)
 
     def run_dir(self, runs_dir: Path, suite: str) -> Path:
-        return runs_dir / suite / self.dataset / self.label / f"ipc{self.ipc}-{self.budget}-seed{self.seed}"
+        from condense.report.records import result_stem
+
+        return runs_dir / suite / self.dataset / self.label / result_stem(self.ipc, self.budget, self.seed, self.tag)
 
     def expect(self) -> dict[str, Any]:
         """Fields the result record must carry."""
         return {"method": self.method, "flip": self.flip, "dataset": self.dataset, "ipc": self.ipc,
-                "budget": self.budget, "seed": self.seed}
+                "budget": self.budget, "seed": self.seed, "tag": self.tag}
 
     def describe(self) -> str:
         extra = f" [{' '.join(self.overrides)}]" if self.overrides else ""
+        extra = f" <{self.tag}>{extra}" if self.tag else extra
         return f"{self.dataset:<14} {self.label:<13} ipc {self.ipc:<3} {self.budget} seed {self.seed}{extra}"
 
 
@@ -179,7 +185,7 @@ def load_suite(name: str | None, suites_dir: str | Path) -> Suite:
 
 def _check_entry(e: Any, where: str) -> None:
     if not isinstance(e, dict):
-        raise ConfigError(f"{where}: expected a mapping {{method, ipc, flip, overrides}}, got {e!r}")
+        raise ConfigError(f"{where}: expected a mapping {{method, ipc, flip, overrides, tag}}, got {e!r}")
     unknown = set(e) - ENTRY_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
@@ -195,6 +201,11 @@ def _check_entry(e: Any, where: str) -> None:
         have = [m for m in _choices("method") if _method_has_flip(m)]
         raise ConfigError(f"{where}: method {e['method']!r} has no flip option; "
                           f"flip variants exist for: {', '.join(have)}")
+    tag = e.get("tag")
+    if tag is not None and not (isinstance(tag, str) and re.fullmatch(r"[A-Za-z0-9_.]+", tag)):
+        raise ConfigError(f"{where}: tag must be letters, digits, '_' or '.', got {tag!r}")
+    if tag is not None and not e.get("overrides"):
+        raise ConfigError(f"{where}: a tagged (ablation) entry needs overrides saying what it changes")
     for o in _as_list(e.get("overrides")):
         key = str(o).partition("=")[0].lstrip("+~")
         if "=" not in str(o) or key in RESERVED:
@@ -212,8 +223,9 @@ def expand(suite: Suite) -> list[Run]:
             for flip in _as_list(e.get("flip", [False])):
                 for ipc in _as_list(e["ipc"]):
                     for seed in suite.seeds:
-                        run = Run(d, str(e["method"]), bool(flip), int(ipc), suite.budget, int(seed), overrides)
-                        ident = (d, run.label, run.ipc, seed)
+                        run = Run(d, str(e["method"]), bool(flip), int(ipc), suite.budget, int(seed), overrides,
+                                  e.get("tag"))
+                        ident = (d, run.label, run.ipc, seed, run.tag)
                         if ident in seen:
                             raise ConfigError(f"suite {suite.path.name}: entries {seen[ident]} and {i} both "
                                               f"produce {run.label} ipc {ipc} seed {seed} on {d}")
@@ -258,20 +270,24 @@ def condense_command() -> list[str]:
 def make_calls(todo: list[Run], *, results_dir: Path, runs_dir: Path, suite: str, launcher: str,
                group: bool, resume: bool, passthrough: list[str]) -> list[Call]:
     """The ``condense -m`` calls that produce ``todo`` (one per run, or one per entry x seed sweep)."""
+    from condense.report.records import result_stem
+
     buckets: dict[tuple, list[Run]] = defaultdict(list)
     for run in todo:
-        key = (run.dataset, run.budget, run.method, run.flip, run.overrides, run.seed)
+        key = (run.dataset, run.budget, run.method, run.flip, run.overrides, run.tag, run.seed)
         buckets[key if group else key + (run.ipc,)].append(run)
     calls = []
     for runs in buckets.values():
         r0 = runs[0]
         ipcs = ",".join(str(r.ipc) for r in sorted(runs, key=lambda r: r.ipc))
-        stem = f"ipc${{ipc}}-{r0.budget}-seed{r0.seed}"
+        stem = result_stem("${ipc}", r0.budget, r0.seed, r0.tag)
         argv = [*condense_command(), "-m", f"method={r0.method}", f"dataset={r0.dataset}", f"budget={r0.budget}",
                 f"seed={r0.seed}", f"ipc={ipcs}"]
         if r0.flip:
             argv.append("method.flip=true")
         argv += list(r0.overrides)
+        if r0.tag:
+            argv.append(f"tag={r0.tag}")
         argv += [f"result_json={_q(results_dir / r0.dataset / r0.label / (stem + '.json'))}",
                  f"hydra.sweep.dir={_q(runs_dir / suite / r0.dataset / r0.label)}",
                  f"hydra.sweep.subdir={_q(stem)}", *LAUNCHERS[launcher]]

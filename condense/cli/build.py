@@ -226,6 +226,9 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     run_config(cfg, None, [])
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise ConfigError(f"seed must be an integer >= 0, got {cfg.seed!r}")
+    tag = cfg.get("tag")
+    if tag is not None and not (isinstance(tag, str) and re.fullmatch(r"[A-Za-z0-9_.]+", tag)):
+        raise ConfigError(f"tag must be letters, digits, '_' or '.' (or null), got {tag!r}")
     valid_exports = ("imagefolder", "tensors")
     for e in cfg.export or []:
         if e not in valid_exports:

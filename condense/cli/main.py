@@ -111,12 +111,15 @@ def _remove_if_empty(path: Path) -> None:
 def result_record(cfg: Any, built: dict[str, Any], result_info: dict[str, Any], report: Any,
                   device: Any, run_dir: Path | None = None) -> dict[str, Any]:
     """The benchmark-format record of DESIGN.md for one run."""
+    import dataclasses
+
     from condense.cli.build import to_plain
     from condense.provenance import code_version, machine_info
 
     return {
         "schema": 1,
-        "kind": "accuracy",
+        "kind": "ablation" if cfg.get("tag") else "accuracy",
+        "tag": cfg.get("tag") or None,
         "method": str(cfg.method.name),
         "flip": bool(getattr(built["method"], "flip", False)),
         "dataset": str(cfg.dataset.name),
@@ -124,6 +127,7 @@ def result_record(cfg: Any, built: dict[str, Any], result_info: dict[str, Any], 
         "budget": str(cfg.budget.name),
         "seed": int(cfg.seed),
         "config": to_plain(cfg),
+        "method_config": dataclasses.asdict(built["method"]) if dataclasses.is_dataclass(built["method"]) else None,
         "code_version": code_version(),
         "machine": machine_info(device),
         "distill": {"wall_s": result_info["wall_s"], "iterations": result_info["iterations"],

@@ -22,7 +22,7 @@ from condense.report.document import to_html as render_html
 from condense.report.document import to_markdown as render_markdown
 from condense.report.published import SOURCE as PUBLISHED_SOURCE
 from condense.report.published import published_rows, published_value
-from condense.report.records import WHOLE, Cell, CellKey, Results, aggregate, load_results
+from condense.report.records import WHOLE, Cell, CellKey, Results, aggregate, load_results, method_label
 from condense.report.scores import FORMULA as SCORE_FORMULA
 from condense.report.scores import LRS_WEIGHT, hlr, ior, lrs
 
@@ -230,6 +230,21 @@ def speed_table(perf: list[dict[str, Any]]) -> Table:
     return Table(["name", "ratio", "ours (s)", "baseline (s)", "baseline", "device"], rows, align="lrrrll")
 
 
+def ablation_table(recs: list[dict[str, Any]]) -> Table:
+    """Tagged variant runs beside the budget's own run of the same cell (never leaderboard cells)."""
+    rows = []
+    for r in sorted(recs, key=lambda r: (r["dataset"], r["budget"], r["method"], r.get("flip", False),
+                                         r["ipc"], r["tag"], r["seed"])):
+        acc = "; ".join(f"{a}: {s['mean']:.2f} ± {s['std']:.2f} ({s['n']})" for a, s in r["eval"]["summary"].items())
+        dist = r.get("distill") or {}
+        overrides = [o for o in (r.get("command") or "").split() if o.startswith("method.")]
+        rows.append([r["dataset"], r["budget"], method_label(r["method"], bool(r.get("flip"))), str(r["ipc"]),
+                     r["tag"], " ".join(overrides) or DASH, acc, fmt_num(dist.get("wall_s"), 0),
+                     str(dist.get("iterations", DASH))])
+    return Table(["dataset", "budget", "method", "ipc", "tag", "changed", "accuracy", "distill s", "iterations"],
+                 rows, align="lllrllrrr")
+
+
 def _section_blocks(sec: Section, figures_dir: Path) -> list[object]:
     recs = [r for c in sec.cells.values() for r in c.records]
     arch = _join(_values(list(sec.cells.values()), lambda c: c.arch))
@@ -303,6 +318,11 @@ def build_document(results: Results, figures_dir: Path, command: str) -> Documen
             *[Paragraph(t) for t in machine_lines(results.accuracy + results.perf) or ["No records."]])
     for sec in secs:
         doc.add(*_section_blocks(sec, figures_dir))
+    if results.ablation:
+        doc.add(Heading(2, "Ablations"),
+                Paragraph("Tagged variant runs (e.g. fp32 instead of the budget's bf16): the setting changed, "
+                          "and the result to compare with the budget's own cell above."),
+                ablation_table(results.ablation))
     doc.add(Heading(2, "Speed"))
     if results.perf:
         doc.add(speed_table(results.perf),

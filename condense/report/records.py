@@ -25,10 +25,15 @@ def method_label(method: str, flip: bool) -> str:
     return f"{method}+flip" if flip else method
 
 
+def result_stem(ipc: int | str, budget: str, seed: int, tag: str | None = None) -> str:
+    """``ipc10-cpu-seed0`` (or ``ipc10-cpu-<tag>-seed0`` for a tagged ablation run)."""
+    return f"ipc{ipc}-{budget}{'-' + tag if tag else ''}-seed{seed}"
+
+
 def result_path(results_dir: str | Path, dataset: str, method: str, flip: bool, ipc: int, budget: str,
-                seed: int) -> Path:
+                seed: int, tag: str | None = None) -> Path:
     """Where the record of one run lives (the one path scheme every tool uses)."""
-    return Path(results_dir) / dataset / method_label(method, flip) / f"ipc{ipc}-{budget}-seed{seed}.json"
+    return Path(results_dir) / dataset / method_label(method, flip) / f"{result_stem(ipc, budget, seed, tag)}.json"
 
 
 def _is_num(x: Any) -> bool:
@@ -42,8 +47,9 @@ def accuracy_problems(rec: Any) -> list[str]:
     bad = []
     if rec.get("schema") != SCHEMA:
         bad.append(f"schema {rec.get('schema')!r} (expected {SCHEMA})")
-    if rec.get("kind") != "accuracy":
-        bad.append(f"kind {rec.get('kind')!r} (expected 'accuracy')")
+    want_kind = "ablation" if rec.get("tag") else "accuracy"
+    if rec.get("kind") != want_kind:
+        bad.append(f"kind {rec.get('kind')!r} (expected {want_kind!r})")
     for key in ("method", "dataset", "budget"):
         if not isinstance(rec.get(key), str) or not rec.get(key):
             bad.append(f"{key} missing")
@@ -102,6 +108,7 @@ class Results:
     """Every record found under a results folder."""
 
     accuracy: list[dict[str, Any]] = field(default_factory=list)
+    ablation: list[dict[str, Any]] = field(default_factory=list)
     perf: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
@@ -119,15 +126,14 @@ def load_results(results_dir: str | Path) -> Results:
             out.skipped.append((path, "unparsable"))
             continue
         kind = rec.get("kind") if isinstance(rec, dict) else None
-        if kind == "ablation":  # one-off measurements (e.g. bf16 accuracy effect): not leaderboard cells
-            continue
         bad = perf_problems(rec) if kind == "perf" else accuracy_problems(rec)
         if bad:
             out.skipped.append((path, "; ".join(bad)))
             log.warning("skipping %s: %s", path, "; ".join(bad))
             continue
         rec = {**rec, "_path": str(path)}
-        (out.perf if kind == "perf" else out.accuracy).append(rec)
+        # ablation: a tagged variant run (e.g. fp32 vs the budget's bf16): listed, never a cell
+        {"perf": out.perf, "ablation": out.ablation}.get(kind, out.accuracy).append(rec)
     return out
 
 

@@ -18,8 +18,9 @@ needs_fmnist = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/tr
 SUITES = Path(bench.__file__).resolve().parents[2] / "benchmarks" / "suites"
 
 
-def fake_record(method: str, flip: bool, dataset: str, ipc: int, budget: str, seed: int) -> dict:
-    return {"schema": 1, "kind": "accuracy", "method": method, "flip": flip, "dataset": dataset, "ipc": ipc,
+def fake_record(method: str, flip: bool, dataset: str, ipc: int, budget: str, seed: int, tag: str | None = None) -> dict:
+    return {"schema": 1, "kind": "ablation" if tag else "accuracy", "tag": tag, "method": method, "flip": flip,
+            "dataset": dataset, "ipc": ipc,
             "budget": budget, "seed": seed, "config": {}, "code_version": {"git_sha": None, "dirty": None},
             "machine": {"device": "cpu"}, "distill": {"wall_s": 1.0, "iterations": 2},
             "eval": {"protocol": {"archs": ["convnet"]}, "runs": [],
@@ -46,7 +47,7 @@ class FakeCondense:
             path = Path(kv["result_json"].strip("'").replace("${ipc}", str(ipc)))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(fake_record(method, flip, kv["dataset"], ipc, kv["budget"],
-                                                   int(kv["seed"]))))
+                                                   int(kv["seed"]), kv.get("tag"))))
         return code
 
 
@@ -155,6 +156,8 @@ def test_unknown_suite_and_bad_args(tmp_path: Path, fake: FakeCondense, capsys) 
     ("{method: dmm, ipc: [1]}", "unknown method 'dmm'"),
     ("{method: dm, ipc: [0]}", "positive integers"),
     ("{method: dm, ipc: [1], colour: red}", "unknown key(s) colour"),
+    ("{method: dm, ipc: [1], tag: 'a b', overrides: [method.bf16=false]}", "tag must be"),
+    ("{method: dm, ipc: [1], tag: fp32}", "needs overrides"),
 ])
 def test_suite_validation(tmp_path: Path, entry: str, message: str) -> None:
     (tmp_path / "bad.yaml").write_text(f"name: bad\ndataset: fashion_mnist\nbudget: cpu\nentries:\n  - {entry}\n")
@@ -180,3 +183,19 @@ def test_real_smoke_suite_and_report(tmp_path: Path) -> None:
     out = tmp_path / "site" / "LEADERBOARD.md"
     assert report([f"results_dir={res}", f"out={out}", f"html={tmp_path / 'site' / 'lb.html'}"]) == 0
     assert (tmp_path / "site" / "figures" / "preview-fashion_mnist-smoke-dm-ipc1.png").exists()
+
+
+def test_tagged_ablation_entry(tmp_path: Path, fake: FakeCondense) -> None:
+    """A tagged entry has its own result file beside the untagged one, and passes tag= to condense."""
+    (tmp_path / "abl.yaml").write_text(
+        "name: abl\ndataset: fashion_mnist\nbudget: cpu\nentries:\n  - {method: dm, ipc: [1]}\n"
+        "  - {method: dm, ipc: [1], tag: fp32, overrides: [method.bf16=false]}\n")
+    res = tmp_path / "res"
+    args = ["suite=abl", f"suites_dir={tmp_path}", f"results_dir={res}", f"runs_dir={tmp_path / 'runs'}"]
+    assert bench.run(args) == 0
+    assert len(fake.calls) == 2 and "tag=fp32" in fake.calls[1] and "method.bf16=false" in fake.calls[1]
+    assert "tag=fp32" not in fake.calls[0]
+    assert (res / "fashion_mnist" / "dm" / "ipc1-cpu-seed0.json").exists()
+    rec = json.loads((res / "fashion_mnist" / "dm" / "ipc1-cpu-fp32-seed0.json").read_text())
+    assert (rec["kind"], rec["tag"]) == ("ablation", "fp32")
+    assert bench.run(args) == 0 and len(fake.calls) == 2  # both done: resumable as any entry

@@ -85,6 +85,10 @@ def board(tmp_path: Path) -> dict:
     put(res, record("herding", 1, HERDING1_S0, seed=0))
     put(res, record("herding", 1, HERDING1_S1, seed=1))
     put(res, record("dm", 10, [40.0, 41.0, 42.0], budget="smoke", wall_s=2.0, epochs=10))  # other budget
+    abl = record("dm", 10, [70.0, 70.5, 71.0], wall_s=500.0, iterations=250)  # an fp32 ablation of dm ipc 10
+    abl.update(kind="ablation", tag="fp32", command="condense method=dm ipc=10 method.bf16=false tag=fp32")
+    path = result_path(res, "fashion_mnist", "dm", False, 10, "cpu", 0, tag="fp32")
+    path.write_text(json.dumps(abl))
     perf = res / "perf" / "dm_iteration.json"
     perf.parent.mkdir(parents=True, exist_ok=True)
     perf.write_text(json.dumps({"schema": 1, "kind": "perf", "name": "dm_iteration_quick", "ours_s": 9.68,
@@ -235,3 +239,13 @@ def test_report_cli(tmp_path: Path, board: dict, capsys: pytest.CaptureFixture) 
     assert (tmp_path / "cli" / "figures" / "acc_vs_ipc-fashion_mnist-cpu.png").exists()
     assert report_cli(["bogus=1"]) == 2
     assert "unknown argument 'bogus'" in capsys.readouterr().err
+
+
+def test_ablation_listed_not_pooled(board: dict) -> None:
+    """A tagged (ablation) record gets its own table and never enters the leaderboard cell."""
+    (table,) = tables_after(board["md"], "## Ablations")[:1]
+    r = row(table, tag="fp32")
+    assert (r["method"], r["ipc"], r["changed"], r["distill s"], r["iterations"]) == (
+        "dm", "10", "method.bf16=false", "500", "250")
+    assert r["accuracy"] == "convnet: 70.50 ± 0.41 (3)"
+    assert acc_text(DM10) in board["md"]  # the dm ipc 10 cell is still the budget's own run
