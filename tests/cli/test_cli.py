@@ -78,7 +78,7 @@ def test_budget_per_ipc_overrides_and_deadline():
         assert method_config(cfg, explicit=set()).batch_real == 128
         cfg = compose("config", overrides=["method=dm", "budget=demo", "ipc=10"])
         m = method_config(cfg)
-        assert resolve_iterations(cfg, m) == 400 and run_config(cfg, None, []).max_seconds == 300.0
+        assert resolve_iterations(cfg, m) == 1000 and run_config(cfg, None, []).max_seconds == 300.0
         assert (m.bf16, m.compile) == (True, True)
 
 
