@@ -65,6 +65,7 @@ class Section:
     cells: dict[CellKey, Cell]  # synthetic / selection cells (no whole data)
     whole: Cell | None
     other_whole: list[Cell] = field(default_factory=list)  # whole-data cells of other budgets
+    whole_declared: bool = False  # ``whole`` is another schedule's record declared as this budget's reference
 
     @property
     def title(self) -> str:
@@ -87,7 +88,12 @@ class Section:
 
 
 def sections(cells: dict[CellKey, Cell]) -> list[Section]:
-    """Split cells into dataset x budget sections, attaching the same-budget whole-data reference."""
+    """Split cells into dataset x budget sections, attaching the whole-data reference.
+
+    The reference is the whole-data cell of the same budget, else one whose records declare
+    themselves the reference for this budget (``reference_for``: the whole training set cannot
+    be trained for the budget's 1000 epochs, so it is trained on its own short schedule).
+    """
     wholes: dict[str, list[Cell]] = defaultdict(list)
     groups: dict[tuple[str, str], dict[CellKey, Cell]] = defaultdict(dict)
     for key, cell in cells.items():
@@ -98,8 +104,11 @@ def sections(cells: dict[CellKey, Cell]) -> list[Section]:
     out = []
     for (dataset, budget), group in sorted(groups.items()):
         same = [w for w in wholes[dataset] if w.key.budget == budget]
-        out.append(Section(dataset, budget, group, same[0] if same else None,
-                           [w for w in wholes[dataset] if w.key.budget != budget]))
+        declared = [w for w in wholes[dataset]
+                    if w.key.budget != budget and all(budget in (r.get("reference_for") or []) for r in w.records)]
+        ref = (same or declared or [None])[0]
+        out.append(Section(dataset, budget, group, ref, [w for w in wholes[dataset] if w is not ref],
+                           whole_declared=not same and ref is not None))
     return out
 
 
@@ -254,7 +263,9 @@ def _section_blocks(sec: Section, figures_dir: Path) -> list[object]:
                   f"`{sec.budget}` ({len(recs)} result file(s); evaluation protocol: see Protocol above)."),
     ]
     if sec.whole is not None:
-        blocks.append(Paragraph(f"Whole-data reference (same budget): {fmt_acc(sec.whole)} — "
+        which = (f"schedule `{sec.whole.key.budget}`, declared by its record as the reference for budget "
+                 f"`{sec.budget}`" if sec.whole_declared else "same budget")
+        blocks.append(Paragraph(f"Whole-data reference ({which}): {fmt_acc(sec.whole)} — "
                                 + protocol_text(sec.whole.records)))
     else:
         others = ", ".join(f"`{w.key.budget}`: {fmt_acc(w)}" for w in sec.other_whole)

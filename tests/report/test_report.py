@@ -249,3 +249,26 @@ def test_ablation_listed_not_pooled(board: dict) -> None:
         "dm", "10", "method.bf16=false", "500", "250")
     assert r["accuracy"] == "convnet: 70.50 ± 0.41 (3)"
     assert acc_text(DM10) in board["md"]  # the dm ipc 10 cell is still the budget's own run
+
+
+def test_whole_reference_declared_for_a_budget(tmp_path):
+    """A whole-data run on its own schedule is the reference of exactly the budgets it declares."""
+    from condense.report.leaderboard import score_rows, sections
+
+    res = tmp_path / "results"
+    declared = record("whole", None, WHOLE, budget="e5", wall_s=0.0, iterations=0)
+    declared["reference_for"] = ["cpu"]
+    put(res, declared)
+    put(res, record("whole", None, [80.0, 80.0, 80.0], budget="e3", wall_s=0.0, iterations=0))  # declares none
+    put(res, record("dm", 10, DM10, wall_s=300.0, iterations=400))
+    put(res, record("dm", 10, [40.0, 41.0, 42.0], budget="smoke", wall_s=2.0, epochs=10))
+    secs = {s.budget: s for s in sections(aggregate(load_results(res).accuracy))}
+    cpu, smoke = secs["cpu"], secs["smoke"]
+    assert cpu.whole is not None and cpu.whole.key.budget == "e5" and cpu.whole_declared
+    assert {w.key.budget for w in cpu.other_whole} == {"e3"}
+    (row,) = score_rows(cpu)
+    assert row["hlr"] == pytest.approx(statistics.fmean(WHOLE) - statistics.fmean(DM10))
+    assert smoke.whole is None and score_rows(smoke)[0]["hlr"] is None  # not declared for smoke
+    md = tmp_path / "LEADERBOARD.md"
+    write_report(res, md)
+    assert "schedule `e5`, declared by its record as the reference for budget `cpu`" in md.read_text()
