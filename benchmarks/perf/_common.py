@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -24,3 +31,52 @@ def load_data(name: str) -> tuple[RealData, str]:
     y = torch.arange(k).repeat_interleave(per_class)
     spec = DatasetSpec("random", 1, (28, 28), k, tuple(map(str, range(k))), (0.0,), (1.0,))
     return RealData(spec, x, y, x[:10], y[:10]), "random"
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def check_same_draw(base: Any, variants: dict[str, Any], sets: dict[str, Any],
+                    step: Callable[[Any, Any], float]) -> tuple[dict[str, float], float, float]:
+    """One step of the baseline and of every variant from the same generator state (the warm-up).
+
+    ``base`` has ``ctx``, ``images`` and ``step()``; ``step(variant, its set)`` runs one of ours.
+    Asserts that fp32 ours and the baseline give the same loss and the same updated images;
+    returns the losses, their relative difference and that of bf16 ours from fp32 ours.
+    """
+    state = base.ctx.generator.get_state()
+    for s in variants.values():
+        s.ctx.generator.set_state(state)
+    check = {name: step(s, sets[name]) for name, s in variants.items()}
+    check["baseline"] = base.step()
+    rel = abs(check["ours"] - check["baseline"]) / abs(check["baseline"])
+    rel_bf16 = abs(check["ours_bf16"] - check["ours"]) / abs(check["ours"])
+    print(f"loss same draw: ours {check['ours']:.6f}  loop {check['baseline']:.6f}  (rel {rel:.2e}); "
+          f"bf16 {check['ours_bf16']:.6f} (rel {rel_bf16:.2e})")
+    assert rel < 1e-4, f"ours and the per-class loop differ: {check}"
+    torch.testing.assert_close(sets["ours"].images.detach(), base.images.detach(), rtol=1e-4, atol=1e-5)
+    return check, rel, rel_bf16
+
+
+def alternate(runs: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, list[float]],
+                                                                              dict[str, float]]:
+    """Time every run ``repeats`` times, rotating the order each round (drift hits all alike).
+
+    Returns the per-run times and their medians.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for r in range(repeats):
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            times[name].append(timed(runs[name]))
+    return times, {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def command_line() -> str:
+    """This invocation as a shell line, with the thread-count environment that shaped it."""
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ]
+    return " ".join([*env, *(shlex.quote(a) for a in ["python", *sys.argv])])

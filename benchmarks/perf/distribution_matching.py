@@ -20,15 +20,12 @@ import argparse
 import copy
 import json
 import logging
-import shlex
 import statistics
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import load_data  # noqa: I001  (sibling module of this script)
+from _common import alternate, check_same_draw, command_line, load_data, timed  # noqa: I001  (sibling module of this script)
 
 from condense.augment import DSA, default_strategy
 from condense.data import ClassIndex
@@ -84,11 +81,6 @@ class PerClassLoop:
         return float(loss.item())
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -136,28 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
     base = PerClassLoop(make_ctx(data, args, 0), variants["ours"].cfg, sets["ours"].images)
 
     # -- same draw, same loss (also the warm-up of every variant) ------------------------------
-    state = base.ctx.generator.get_state()
-    for s in variants.values():
-        s.ctx.generator.set_state(state)
-    check = {name: s.step(sets[name], 0)["loss"] for name, s in variants.items()}
-    check["baseline"] = base.step()
-    rel = abs(check["ours"] - check["baseline"]) / abs(check["baseline"])
-    rel_bf16 = abs(check["ours_bf16"] - check["ours"]) / abs(check["ours"])
-    print(f"loss same draw: ours {check['ours']:.6f}  loop {check['baseline']:.6f}  (rel {rel:.2e}); "
-          f"bf16 {check['ours_bf16']:.6f} (rel {rel_bf16:.2e})")
-    assert rel < 1e-4, f"batched and per-class losses differ: {check}"
-    torch.testing.assert_close(sets["ours"].images.detach(), base.images.detach(), rtol=1e-4, atol=1e-5)
+    check, rel, rel_bf16 = check_same_draw(base, variants, sets, lambda s, syn: s.step(syn, 0)["loss"])
 
     # -- alternate the variants, medians -------------------------------------------------------
     runs: dict[str, Callable[[], object]] = {"baseline": base.step}
     for name, synth in variants.items():
         runs[name] = lambda synth=synth, syn=sets[name]: synth.step(syn, 1)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs)
-    for r in range(repeats):
-        for name in order[r % len(order):] + order[: r % len(order)]:
-            times[name].append(timed(runs[name]))
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    times, med = alternate(runs, repeats)
     print("median s/iteration: " + ", ".join(f"{n} {t:.3f}" for n, t in med.items()))
 
     datadam = None
@@ -218,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         "datadam": datadam,
         "machine": machine_info(),
         "code_version": code_version(),
-        "command": shlex.join(["python", *sys.argv]),
+        "command": command_line(),
     }
     if args.out is not None:
         write_json_atomic(args.out, result)

@@ -10,12 +10,11 @@ ConvNet-3, batch 256, DSA on); medians of the repeats. Also reports the bf16-aut
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
 import time
 
 import torch
+from _common import command_line  # noqa: I001  (sibling module of this script)
 
 from condense.augment import DSA
 from condense.eval.train import TrainConfig, train_classifiers
@@ -68,7 +67,7 @@ def main() -> None:
         "setup": {"models": a.models, "images": a.images, "epochs": epochs, "repeats": repeats,
                   "batch": 256, "dsa": True, "heap_kept": heap_kept, "input": "1x28x28", "arch": "convnet (width 128, depth 3)"},
         "machine": machine_info("cpu"), "code_version": code_version(),
-        "command": "python " + " ".join(shlex.quote(s) for s in sys.argv),
+        "command": command_line(),
     }
     print(f"sequential {b:.2f} s  vectorized {o:.2f} s  ratio {b / o:.2f}x  (bf16 vectorized {ob:.2f} s, "
           f"{o / ob:.2f}x faster than fp32)")

@@ -35,18 +35,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
-import shlex
 import statistics
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import load_data  # noqa: I001  (sibling module of this script)
+from _common import alternate, check_same_draw, command_line, load_data, timed  # noqa: I001  (sibling module of this script)
 
 from condense.augment import DSA, default_strategy
 from condense.data import ClassIndex
@@ -128,16 +124,6 @@ def ours_step(synth: GradientMatching, syn: SyntheticSet) -> float:
     return float(synth.match_step(model, matching_params(model, synth.cfg.dis_metric), syn))
 
 
-def command_line() -> str:
-    """This invocation as a shell line, with the thread-count environment that shaped it."""
-    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ]
-    return " ".join([*env, *(shlex.quote(a) for a in ["python", *sys.argv])])
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def inner_epoch_time(data: RealData, args: argparse.Namespace, repeats: int) -> float:
@@ -196,28 +182,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = PerClassLoop(make_ctx(data, args, 0), batch_real, sets["ours"].images, 0.1)
 
     # -- same draw, same loss (also the warm-up of every variant) ------------------------------
-    state = base.ctx.generator.get_state()
-    for s in variants.values():
-        s.ctx.generator.set_state(state)
-    check = {name: ours_step(s, sets[name]) for name, s in variants.items()}
-    check["baseline"] = base.step()
-    rel = abs(check["ours"] - check["baseline"]) / abs(check["baseline"])
-    rel_bf16 = abs(check["ours_bf16"] - check["ours"]) / abs(check["ours"])
-    print(f"loss same draw: ours {check['ours']:.6f}  loop {check['baseline']:.6f}  (rel {rel:.2e}); "
-          f"bf16 {check['ours_bf16']:.6f} (rel {rel_bf16:.2e})")
-    assert rel < 1e-4, f"ours and the per-class loop differ: {check}"
-    torch.testing.assert_close(sets["ours"].images.detach(), base.images.detach(), rtol=1e-4, atol=1e-5)
+    check, rel, rel_bf16 = check_same_draw(base, variants, sets, ours_step)
 
     # -- alternate the variants, medians -------------------------------------------------------
     runs: dict[str, Callable[[], object]] = {"baseline": base.step}
     for name, synth in variants.items():
         runs[name] = lambda synth=synth, syn=sets[name]: ours_step(synth, syn)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs)
-    for r in range(repeats):
-        for name in order[r % len(order):] + order[: r % len(order)]:
-            times[name].append(timed(runs[name]))
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    times, med = alternate(runs, repeats)
     print("median s/matching step: " + ", ".join(f"{n} {t:.3f}" for n, t in med.items()))
     inner = inner_epoch_time(data, args, repeats)
     print(f"one inner epoch (ipc {args.ipc}, DSA): {inner:.3f} s")
