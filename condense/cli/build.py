@@ -134,26 +134,25 @@ def budget_method_overrides(cfg: DictConfig) -> dict[str, Any]:
 
 
 def resolve_iterations(cfg: DictConfig, method_cfg: Any) -> int:
-    """Iterations for this run: cli ``iterations`` > budget table > budget default > published."""
+    """Iterations for this run: cli ``iterations`` > budget table > published (cap) > budget default."""
     published = int(getattr(method_cfg, "iterations", 0))
     if published == 0:
         return 0  # pure selection methods
+    table = to_plain(cfg.budget.get("iterations")) or {}
+    per = table.get(cfg.method.name, {}) or {}
     if cfg.get("iterations") is not None:
         n = int(cfg.iterations)
+    elif f"ipc{cfg.ipc}" in per:
+        n = int(per[f"ipc{cfg.ipc}"])
     elif cfg.budget.get("published_iterations"):
         n = published
+    elif cfg.budget.get("default_iterations") is not None:
+        n = int(cfg.budget.default_iterations)
     else:
-        table = to_plain(cfg.budget.get("iterations")) or {}
-        per = table.get(cfg.method.name, {}) or {}
-        if f"ipc{cfg.ipc}" in per:
-            n = int(per[f"ipc{cfg.ipc}"])
-        elif cfg.budget.get("default_iterations") is not None:
-            n = int(cfg.budget.default_iterations)
-        else:
-            raise ConfigError(
-                f"budget {cfg.budget.name!r} has no iteration count for method {cfg.method.name!r} "
-                f"at ipc {cfg.ipc} (it lists {', '.join(sorted(per)) or 'none'}); pass iterations=N "
-                f"or budget=paper")
+        raise ConfigError(
+            f"budget {cfg.budget.name!r} has no iteration count for method {cfg.method.name!r} "
+            f"at ipc {cfg.ipc} (it lists {', '.join(sorted(per)) or 'none'}); pass iterations=N "
+            f"or budget=paper")
     if n < 0:
         raise ConfigError(f"iterations must be >= 0, got {n}")
     return n

@@ -70,7 +70,13 @@ def test_budget_per_ipc_overrides_and_deadline():
             m = method_config(cfg)
             assert (m.batch_real, m.inner_loop, m.bf16, m.compile) == (batch, inner, True, True)
             assert run_config(cfg, None, []).max_seconds == secs
-            assert resolve_iterations(cfg, m) == 1000  # the published count caps the deadline
+            table = cfg.budget.iterations.get("dsa", {}).get(f"ipc{ipc}")
+            assert resolve_iterations(cfg, m) == (table or 1000)  # table, else the published cap
+        cfg = compose("config", overrides=["method=dsa", "budget=cpu", "ipc=1", "++budget.iterations.dsa.ipc1=7"])
+        assert resolve_iterations(cfg, method_config(cfg)) == 7  # the budget's table beats the published cap
+        cfg = compose("config", overrides=["method=dsa", "budget=cpu", "ipc=1", "++budget.iterations.dsa.ipc1=7",
+                                           "iterations=3"])
+        assert resolve_iterations(cfg, method_config(cfg)) == 3  # ... and the command line beats the table
         cfg = compose("config", overrides=["method=dsa", "budget=cpu", "ipc=10", "max_seconds=5",
                                            "method.batch_real=32"])
         assert run_config(cfg, None, []).max_seconds == 5.0  # the command line beats the budget
