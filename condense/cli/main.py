@@ -132,22 +132,35 @@ def result_record(cfg: Any, built: dict[str, Any], result_info: dict[str, Any], 
         "machine": machine_info(device),
         "distill": {"wall_s": result_info["wall_s"], "iterations": result_info["iterations"],
                     "iterations_planned": result_info["iterations_planned"],
-                    "stopped_by": result_info["stopped_by"]},
+                    "stopped_by": result_info["stopped_by"], "init_s": result_info.get("init_s")},
         "eval": None if report is None else {"protocol": report.protocol, "runs": report.runs,
                                              "summary": report.summary, "wall_s": round(report.wall_s, 3)},
-        "command": _job_command(),
+        "command": _job_command(cfg),
         "run_dir": str(run_dir.resolve()) if run_dir is not None else None,
     }
 
 
-def _job_command() -> str:
-    """The command that reproduces THIS job (a multirun job's own overrides, not the sweep)."""
+def _job_command(cfg: Any = None) -> str:
+    """The command that reproduces THIS job (a multirun job's own overrides, not the sweep).
+
+    Overrides whose value interpolates (``result_json=.../ipc${ipc}...`` from condense-bench)
+    are written with their resolved value, so the line runs as a single job.
+    """
     try:
         from hydra.core.hydra_config import HydraConfig
 
         task = list(HydraConfig.get().overrides.task)
     except (ImportError, ValueError):
         task = sys.argv[1:]
+    if cfg is not None:
+        from omegaconf import OmegaConf
+
+        for i, a in enumerate(task):
+            key, eq, value = a.partition("=")
+            if eq and "$" in value and not key.startswith(("+", "~", "hydra")):
+                resolved = OmegaConf.select(cfg, key)
+                if isinstance(resolved, str):
+                    task[i] = f"{key}={resolved}"
     return "condense " + " ".join(shlex.quote(a) for a in task)
 
 

@@ -250,7 +250,7 @@ class DMConfig:
         lr_img: SGD lr of the images; ``None`` = by ipc (1, or 10 from ipc 100 on).
         momentum: SGD momentum of the images.
         batch_real: real images per class per iteration.
-        init: ``real`` or ``noise``.
+        init: ``real``, ``noise`` or ``herding`` (the herding selection, see ``init_images``).
         flip: FYI flip (each class's synthetic batch becomes ``[x; hflip(x)]``).
         dsa: siamese DSA on real and synthetic views (needs ``ctx.augment``).
         bf16: bfloat16 autocast for the network forwards.

@@ -173,7 +173,7 @@ class GradientMatchingConfig:
             0.5, the current reference script (which added DSA) uses none (0).
         batch_train: batch size of the inner training (256).
         dis_metric: gradient distance, ``ours`` | ``mse`` | ``cos``.
-        init: ``noise`` (DC) or ``real``.
+        init: ``noise`` (DC), ``real`` (DSA) or ``herding`` (the herding selection, see ``init_images``).
         flip: FYI: synthetic batches become ``[x; hflip(x)]`` in matching and inner training.
         dsa: siamese DSA on real/synthetic views and DSA in the inner training (needs
             ``ctx.augment``); ``False`` ignores ``ctx.augment``.

@@ -90,10 +90,11 @@ class RunResult:
     iterations_planned: int
     wall_s: float
     stopped_by: str  # "iterations" | "deadline"
+    init_s: float = 0.0  # of wall_s: building the starting set (this process; a resumed run's is in wall_s)
 
     def info(self) -> dict[str, Any]:
         return {"iterations": self.iterations_done, "iterations_planned": self.iterations_planned,
-                "wall_s": round(self.wall_s, 3), "stopped_by": self.stopped_by}
+                "wall_s": round(self.wall_s, 3), "init_s": round(self.init_s, 3), "stopped_by": self.stopped_by}
 
 
 class _SignalFlag:
@@ -180,8 +181,10 @@ def run(synth: Synthesizer, cfg: RunConfig) -> RunResult:
     metrics_path = run_dir / METRICS_NAME if run_dir is not None else None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
+    t_init = time.perf_counter()
     syn = synth.init_set()
-    start, elapsed0 = 0, 0.0
+    init_s = time.perf_counter() - t_init  # counted in the wall time and the deadline (a resume restores it)
+    start, elapsed0 = 0, init_s
     if cfg.resume and ckpt is not None and ckpt.exists():
         start, elapsed0 = _load_checkpoint(ckpt, synth, syn)
         _truncate_metrics(metrics_path, start)
@@ -237,7 +240,8 @@ def run(synth: Synthesizer, cfg: RunConfig) -> RunResult:
         _save_checkpoint(ckpt, synth, syn, it, wall)
     syn = synth.finalize(syn)
     syn = syn.detach_clone()
-    result = RunResult(syn=syn, iterations_done=it, iterations_planned=total, wall_s=wall, stopped_by=stopped_by)
+    result = RunResult(syn=syn, iterations_done=it, iterations_planned=total, wall_s=wall, stopped_by=stopped_by,
+                       init_s=init_s)
     for cb in cfg.callbacks:
         cb.on_end(syn, result.info())
     return result

@@ -180,6 +180,10 @@ def test_real_smoke_suite_and_report(tmp_path: Path) -> None:
         assert rec["distill"]["wall_s"] >= 0 and "iterations" in rec["distill"]
         assert rec["eval"]["protocol"]["archs"] == ["convnet"] and rec["eval"]["runs"][0]["test_acc"] > 0
         assert (Path(rec["run_dir"]) / "preview.png").exists()
+        # the recorded command is one runnable job: the sweep's interpolated result path resolved
+        path = str(result_path(res, "fashion_mnist", m, False, 1, "smoke", 0))
+        assert "$" not in rec["command"] and f"result_json={path}" in rec["command"]
+        assert rec["distill"]["init_s"] >= 0
     out = tmp_path / "site" / "LEADERBOARD.md"
     assert report([f"results_dir={res}", f"out={out}", f"html={tmp_path / 'site' / 'lb.html'}"]) == 0
     assert (tmp_path / "site" / "figures" / "preview-fashion_mnist-smoke-dm-ipc1.png").exists()

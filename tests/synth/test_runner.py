@@ -120,3 +120,29 @@ def test_bad_run_config():
         RunConfig(max_seconds=0)
     with pytest.raises(ConfigError, match="iterations"):
         RunConfig(iterations=-1)
+
+
+def test_init_time_is_part_of_the_wall_time(tiny_data):
+    """Building the starting set (e.g. herding's feature network) is distillation time."""
+    import time
+
+    class SlowInit(Toy):
+        def init_set(self):
+            time.sleep(0.3)
+            return super().init_set()
+
+    from tests.conftest import make_ctx
+
+    res = run(SlowInit(Toy.Config(iterations=1), make_ctx(tiny_data, seed=5)), RunConfig(progress=False))
+    assert res.init_s >= 0.3 and res.wall_s >= res.init_s and res.info()["init_s"] >= 0.3
+
+
+def test_herding_init_is_the_herding_selection(tiny_data, tmp_path):
+    from condense.synth.selection import INIT_FEATURES, Herding
+    from tests.conftest import make_ctx
+
+    images = init_images(make_ctx(tiny_data, ipc=2, cache_dir=tmp_path), "herding")
+    picked = Herding(INIT_FEATURES, make_ctx(tiny_data, ipc=2, cache_dir=tmp_path)).init_set()
+    assert images.shape == picked.images.shape and torch.equal(images, picked.images)
+    with pytest.raises(ConfigError, match="valid choices: real, noise, herding"):
+        init_images(make_ctx(tiny_data), "kmeans")
