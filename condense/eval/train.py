@@ -46,12 +46,13 @@ class TrainConfig:
 def _loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean loss per model. ``logits`` (K,b,classes); ``targets`` (K,b) int or (K,b,classes)."""
     k, b, c = logits.shape
-    logits = logits.float()
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()  # the loss in fp32 under autocast; fp32/fp64 stay as they are
     if targets.dim() == 2:
         return F.cross_entropy(logits.reshape(k * b, c), targets.reshape(-1), reduction="sum") / b
     t = temperature
     log_p = F.log_softmax(logits / t, dim=-1)
-    q = F.softmax(targets.float() / t, dim=-1)
+    q = F.softmax(targets.to(log_p.dtype) / t, dim=-1)
     return F.kl_div(log_p, q, reduction="sum") * (t * t) / b
 
 
