@@ -228,15 +228,75 @@ def score_table(sec: Section) -> Table:
     return Table(header, rows)
 
 
+SPEED_VARIANTS = ("fp32", "bf16", "compile", "compile+bf16")
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def variant_ratios(rec: dict[str, Any]) -> dict[str, float]:
+    """baseline_s / ours_s of each measured variant of a perf record (keys of :data:`SPEED_VARIANTS`).
+
+    Reads the layouts the perf scripts write: ``variants: {ours, ours_bf16, ours_compile,
+    ours_compile_bf16: {ratio}}`` (gradient matching); ``bf16: {ratio_vs_baseline}`` and
+    ``compile: {ours_compile[_bf16]: {ratio_vs_baseline}}`` (distribution matching); ``bf16:
+    {ratio_vs_fp32_vectorized}`` (evaluator: times the fp32 ratio to put it against the baseline).
+    """
+    out: dict[str, float] = {}
+    if (r := _num(rec.get("ratio"))) is not None:
+        out["fp32"] = r
+    variants = rec.get("variants") if isinstance(rec.get("variants"), dict) else {}
+    for key, name in (("ours_bf16", "bf16"), ("ours_compile", "compile"), ("ours_compile_bf16", "compile+bf16")):
+        v = variants.get(key)
+        if isinstance(v, dict) and (r := _num(v.get("ratio"))) is not None:
+            out[name] = r
+    bf16 = rec.get("bf16") if isinstance(rec.get("bf16"), dict) else {}
+    if (r := _num(bf16.get("ratio_vs_baseline"))) is not None:
+        out["bf16"] = r
+    elif (r := _num(bf16.get("ratio_vs_fp32_vectorized"))) is not None and "fp32" in out:
+        out["bf16"] = r * out["fp32"]
+    comp = rec.get("compile") if isinstance(rec.get("compile"), dict) else {}
+    for key, name in (("ours_compile", "compile"), ("ours_compile_bf16", "compile+bf16")):
+        v = comp.get(key)
+        if isinstance(v, dict) and (r := _num(v.get("ratio_vs_baseline"))) is not None:
+            out[name] = r
+    return out
+
+
 def speed_table(perf: list[dict[str, Any]]) -> Table:
     rows = []
-    for r in sorted(perf, key=lambda r: r["name"]):
-        ratio = r.get("ratio")
+    for r in sorted(perf, key=lambda r: (r["name"], r.get("_path", ""))):
+        ratios = variant_ratios(r)
         m = r.get("machine") or {}
-        rows.append([r["name"], f"{ratio:.2f}×" if isinstance(ratio, (int, float)) else DASH,
+        code = r.get("code_version") or {}
+        sha = str(code.get("git_sha") or "")[:8] + ("+dirty" if code.get("dirty") else "")
+        rows.append([r["name"], Path(r.get("_path", "")).name or DASH,
+                     *[f"{ratios[v]:.2f}×" if v in ratios else DASH for v in SPEED_VARIANTS],
                      fmt_num(r.get("ours_s")), fmt_num(r.get("baseline_s")), str(r.get("baseline") or DASH),
-                     str(m.get("gpu") or m.get("device") or DASH)])
-    return Table(["name", "ratio", "ours (s)", "baseline (s)", "baseline", "device"], rows, align="lrrrll")
+                     str(m.get("gpu") or m.get("device") or DASH), sha or DASH])
+    return Table(["name", "file", *[f"{v} ratio" for v in SPEED_VARIANTS], "ours fp32 (s)", "baseline (s)",
+                  "baseline", "device", "code"], rows, align="llrrrrrrlll")
+
+
+def _summary_text(summary: Any) -> str:
+    if not isinstance(summary, dict):
+        return DASH
+    parts = [f"{a}: {s['mean']:.2f} ± {s['std']:.2f} ({s['n']})" for a, s in summary.items()
+             if isinstance(s, dict) and {"mean", "std", "n"} <= s.keys()]
+    return "; ".join(parts) or DASH
+
+
+def study_table(recs: list[dict[str, Any]]) -> Table:
+    """Side questions measured once (e.g. bf16 in evaluation): each arm's accuracy from its record."""
+    rows = []
+    for r in sorted(recs, key=lambda r: r["name"]):
+        arms = [f"{k}: {_summary_text(v['summary'])}" for k, v in r.items()
+                if isinstance(v, dict) and "summary" in v]
+        delta = _num(r.get("accuracy_delta_points"))
+        rows.append([r["name"], r["question"], str(r.get("set") or DASH), " / ".join(arms) or DASH,
+                     fmt_num(delta, signed=True), str(r.get("note") or DASH)])
+    return Table(["name", "question", "set", "arms", "delta (points)", "note"], rows, align="llllrl")
 
 
 def ablation_table(recs: list[dict[str, Any]]) -> Table:
@@ -337,11 +397,14 @@ def build_document(results: Results, figures_dir: Path, command: str) -> Documen
     doc.add(Heading(2, "Speed"))
     if results.perf:
         doc.add(speed_table(results.perf),
-                Paragraph("ratio: as recorded by each perf benchmark (baseline_s / ours_s for the benchmarks "
-                          "so far: above 1 means ours is faster); ours and the baseline timed alternately in one "
+                Paragraph("ratio: baseline_s / ours_s as recorded by each perf benchmark (above 1 means ours is "
+                          "faster), one column per measured variant of ours (bf16 autocast, torch.compile, both) "
+                          "against the same fp32 baseline; ours and the baseline timed alternately in one "
                           "process, medians of several repeats."))
     else:
         doc.add(Paragraph("No perf records."))
+    if results.study:
+        doc.add(Heading(2, "Studies"), study_table(results.study))
     if results.skipped:
         doc.add(Heading(2, "Files skipped"),
                 Table(["file", "reason"], [[str(p), why] for p, why in results.skipped], align="ll"))

@@ -1,7 +1,9 @@
 """Benchmark result files (DESIGN.md "Benchmark results"): paths, validation, loading, aggregation.
 
 One JSON file per run at ``<results>/<dataset>/<method>[+flip]/ipc<k>-<budget>-seed<s>.json``;
-``kind: "accuracy"`` records feed the leaderboard tables, ``kind: "perf"`` records its Speed section.
+``kind: "accuracy"`` records feed the leaderboard tables, ``kind: "ablation"`` ones (tagged
+variant runs) its Ablations table, ``kind: "perf"`` records its Speed section and ``kind: "study"``
+records (a measured side question, e.g. bf16's accuracy effect in evaluation) its Studies section.
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ def perf_problems(rec: Any) -> list[str]:
     return [] if isinstance(rec.get("name"), str) else ["name missing"]
 
 
+def study_problems(rec: Any) -> list[str]:
+    """Why ``rec`` is not a usable study record (empty list: it is)."""
+    if not isinstance(rec, dict) or rec.get("kind") != "study":
+        return ["not a study record"]
+    return [f"{k} missing" for k in ("name", "question") if not isinstance(rec.get(k), str)]
+
+
 def read_json(path: Path) -> Any:
     """Parsed JSON, or ``None`` when the file is missing or unparsable."""
     try:
@@ -110,6 +119,7 @@ class Results:
     accuracy: list[dict[str, Any]] = field(default_factory=list)
     ablation: list[dict[str, Any]] = field(default_factory=list)
     perf: list[dict[str, Any]] = field(default_factory=list)
+    study: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
@@ -126,14 +136,15 @@ def load_results(results_dir: str | Path) -> Results:
             out.skipped.append((path, "unparsable"))
             continue
         kind = rec.get("kind") if isinstance(rec, dict) else None
-        bad = perf_problems(rec) if kind == "perf" else accuracy_problems(rec)
+        check = {"perf": perf_problems, "study": study_problems}.get(kind, accuracy_problems)
+        bad = check(rec)
         if bad:
             out.skipped.append((path, "; ".join(bad)))
             log.warning("skipping %s: %s", path, "; ".join(bad))
             continue
         rec = {**rec, "_path": str(path)}
         # ablation: a tagged variant run (e.g. fp32 vs the budget's bf16): listed, never a cell
-        {"perf": out.perf, "ablation": out.ablation}.get(kind, out.accuracy).append(rec)
+        {"perf": out.perf, "ablation": out.ablation, "study": out.study}.get(kind, out.accuracy).append(rec)
     return out
 
 

@@ -93,7 +93,17 @@ def board(tmp_path: Path) -> dict:
     perf.parent.mkdir(parents=True, exist_ok=True)
     perf.write_text(json.dumps({"schema": 1, "kind": "perf", "name": "dm_iteration_quick", "ours_s": 9.68,
                                 "baseline_s": 11.87, "ratio": 1.2255, "baseline": "per-class loop (main_DM.py)",
+                                "bf16": {"ratio_vs_baseline": 1.8554},
+                                "compile": {"ours_compile_bf16": {"ratio_vs_baseline": 2.7538}},
                                 "machine": {"device": "cpu"}, "command": "python x.py"}))
+    (res / "perf" / "gm.json").write_text(json.dumps({
+        "schema": 1, "kind": "perf", "name": "gm_step", "ours_s": 1.8, "baseline_s": 2.0, "ratio": 1.125,
+        "variants": {"ours": {"ratio": 1.125}, "ours_bf16": {"ratio": 1.7449}, "ours_compile": {"ratio": 1.3219}},
+        "machine": {"device": "cpu"}}))
+    (res / "perf" / "eval_bf16.json").write_text(json.dumps({
+        "schema": 1, "kind": "study", "name": "eval_bf16", "question": "bf16 in evaluation training",
+        "set": "random ipc10", "fp32": {"summary": {"convnet": {"mean": 75.4067, "std": 0.2223, "n": 3}}},
+        "bf16": {"summary": {"convnet": {"mean": 75.3667, "std": 0.205, "n": 3}}}, "accuracy_delta_points": -0.04}))
     (res / "fashion_mnist" / "dm" / "ipc1-broken-seed0.json").write_text("{not json")
     out = tmp_path / "site" / "LEADERBOARD.md"
     html = tmp_path / "site" / "leaderboard.html"
@@ -191,7 +201,15 @@ def test_header_protocol_machine_speed_and_skipped(board: dict) -> None:
     assert "1000 at ipc 1" in md and "300 at ipc 50" in md and "DSA augmentation during training" in md
     assert "Fake CPU, 2 cores" in md and "`0123456789`" in md
     speed = tables_after(md, "## Speed")[0]
-    assert row(speed, name="dm_iteration_quick")["ratio"] == "1.23×"
+    dm = row(speed, name="dm_iteration_quick")
+    assert (dm["fp32 ratio"], dm["bf16 ratio"], dm["compile ratio"], dm["compile+bf16 ratio"]) == (
+        "1.23×", "1.86×", DASH, "2.75×")
+    gm = row(speed, name="gm_step")
+    assert (gm["fp32 ratio"], gm["bf16 ratio"], gm["compile ratio"], gm["compile+bf16 ratio"]) == (
+        "1.12×", "1.74×", "1.32×", DASH)
+    study = row(tables_after(md, "## Studies")[0], name="eval_bf16")
+    assert study["arms"] == "fp32: convnet: 75.41 ± 0.22 (3) / bf16: convnet: 75.37 ± 0.20 (3)"
+    assert study["delta (points)"] == "-0.04"
     assert "ipc1-broken-seed0.json" in md  # unparsable file listed, not fatal
 
 
@@ -226,7 +244,7 @@ def test_scores_bounds_and_pool() -> None:
 
 def test_load_and_aggregate_keys(board: dict) -> None:
     res = load_results(board["res"])
-    assert len(res.perf) == 1 and len(res.skipped) == 1
+    assert len(res.perf) == 2 and len(res.study) == 1 and len(res.skipped) == 1
     cells = aggregate(res.accuracy)
     labels = {(k.budget, k.label, k.ipc) for k in cells}
     assert ("cpu", "dsa+flip", 10) in labels and ("cpu", "whole", None) in labels
