@@ -109,8 +109,12 @@ def _remove_if_empty(path: Path) -> None:
 
 
 def result_record(cfg: Any, built: dict[str, Any], result_info: dict[str, Any], report: Any,
-                  device: Any, run_dir: Path | None = None) -> dict[str, Any]:
-    """The benchmark-format record of DESIGN.md for one run."""
+                  device: Any, run_dir: Path | None = None, code: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The benchmark-format record of DESIGN.md for one run.
+
+    ``code``: the code version taken when the job started (default: now); a long run must not
+    record a commit made while it ran.
+    """
     import dataclasses
 
     from condense.cli.build import to_plain
@@ -128,7 +132,7 @@ def result_record(cfg: Any, built: dict[str, Any], result_info: dict[str, Any], 
         "seed": int(cfg.seed),
         "config": to_plain(cfg),
         "method_config": dataclasses.asdict(built["method"]) if dataclasses.is_dataclass(built["method"]) else None,
-        "code_version": code_version(),
+        "code_version": code if code is not None else code_version(),
         "machine": machine_info(device),
         "distill": {"wall_s": result_info["wall_s"], "iterations": result_info["iterations"],
                     "iterations_planned": result_info["iterations_planned"],
@@ -201,16 +205,17 @@ def distil(cfg: Any, run_dir: Path) -> dict[str, Any]:
                                        name=f"{cfg.method.name}-{cfg.dataset.name}-ipc{cfg.ipc}-s{cfg.seed}"))
     log.info("%s on %s, ipc %d, %d iterations (budget %s), device %s", cfg.method.name,
              cfg.dataset.name, cfg.ipc, built["iterations"], cfg.budget.name, device)
+    code = code_version()  # the code that runs: taken before the (possibly hours-long) run
     result = run(synth, run_config(cfg, run_dir, callbacks))
     syn = result.syn
     syn.meta.config = {"method": dataclasses.asdict(mcfg), "run": to_plain(cfg)}
-    syn.meta.code_version = code_version()
+    syn.meta.code_version = code
     syn.meta.extra = {**syn.meta.extra, "distill": result.info()}
     report = None
     if evaluator is not None:
         report = evaluator.evaluate(syn)
     save_synset(syn, run_dir, eval_recipe=None if report is None else report.protocol)
-    record = result_record(cfg, built, result.info(), report, device, run_dir)
+    record = result_record(cfg, built, result.info(), report, device, run_dir, code=code)
     if report is not None:
         write_eval_json(report, run_dir / "eval.json", method=record["method"], dataset=record["dataset"],
                         ipc=record["ipc"], artifact=str(run_dir))
