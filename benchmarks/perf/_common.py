@@ -76,6 +76,14 @@ def alternate(runs: dict[str, Callable[[], object]], repeats: int) -> tuple[dict
     return times, {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def variant_table(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """The one ``variants`` layout of every perf record: per variant of ours (not ``baseline``)
+    its median, ``ratio`` = baseline median / its median, and its times (the report reads this)."""
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: {"median_s": med[name], "ratio": med["baseline"] / med[name], "times_s": ts}
+            for name, ts in times.items() if name != "baseline"}
+
+
 def command_line() -> str:
     """This invocation as a shell line, with the thread-count environment that shaped it."""
     env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ]

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import alternate, check_same_draw, command_line, load_data, timed  # noqa: I001  (sibling module of this script)
+from _common import alternate, check_same_draw, command_line, load_data, timed, variant_table  # noqa: I001  (sibling module of this script)
 
 from condense.augment import DSA, default_strategy
 from condense.data import ClassIndex
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             "allocator": "glibc heap kept (mallopt)" if heap_kept else "default",
         },
         "times_s": times,
+        "variants": variant_table(times),
         "loss_check": {"ours": check["ours"], "baseline": check["baseline"], "rel_diff": rel},
         "bf16": {
             "ours_s": med["ours_bf16"],

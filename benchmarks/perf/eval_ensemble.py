@@ -14,7 +14,7 @@ import statistics
 import time
 
 import torch
-from _common import command_line  # noqa: I001  (sibling module of this script)
+from _common import command_line, variant_table  # noqa: I001  (sibling module of this script)
 
 from condense.augment import DSA
 from condense.eval.train import TrainConfig, train_classifiers
@@ -64,6 +64,7 @@ def main() -> None:
         "baseline": f"the same {a.models} ConvNet-3 models trained one after the other (plain nn.Module)",
         "ours": f"{a.models} models stacked and trained as one torch.func vmap model",
         "bf16": {"ours_s": round(ob, 4), "ratio_vs_fp32_vectorized": round(o / ob, 3)},
+        "variants": variant_table({"baseline": base, "ours": ours, "ours_bf16": ours_bf16}),
         "setup": {"models": a.models, "images": a.images, "epochs": epochs, "repeats": repeats,
                   "batch": 256, "dsa": True, "heap_kept": heap_kept, "input": "1x28x28", "arch": "convnet (width 128, depth 3)"},
         "machine": machine_info("cpu"), "code_version": code_version(),

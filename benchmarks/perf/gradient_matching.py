@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import alternate, check_same_draw, command_line, load_data, timed  # noqa: I001  (sibling module of this script)
+from _common import alternate, check_same_draw, command_line, load_data, timed, variant_table  # noqa: I001  (sibling module of this script)
 
 from condense.augment import DSA, default_strategy
 from condense.data import ClassIndex
@@ -209,8 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "synthetic images, layer-wise distance over all weights, then loss.backward() and "
             "an SGD step; one call = one matching step on a fresh ConvNet-3"
         ),
-        "variants": {name: {"median_s": med[name], "ratio": ratios[name], "times_s": times[name]}
-                     for name in ratios},
+        "variants": variant_table(times),
         "baseline_times_s": times["baseline"],
         "inner_epoch_s": inner,
         "setting": {"dataset": data_name, "model": "convnet", "width": args.width, "ipc": args.ipc,

@@ -235,32 +235,22 @@ def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
-def variant_ratios(rec: dict[str, Any]) -> dict[str, float]:
-    """baseline_s / ours_s of each measured variant of a perf record (keys of :data:`SPEED_VARIANTS`).
+VARIANT_KEYS = {"ours": "fp32", "ours_bf16": "bf16", "ours_compile": "compile", "ours_compile_bf16": "compile+bf16"}
 
-    Reads the layouts the perf scripts write: ``variants: {ours, ours_bf16, ours_compile,
-    ours_compile_bf16: {ratio}}`` (gradient matching); ``bf16: {ratio_vs_baseline}`` and
-    ``compile: {ours_compile[_bf16]: {ratio_vs_baseline}}`` (distribution matching); ``bf16:
-    {ratio_vs_fp32_vectorized}`` (evaluator: times the fp32 ratio to put it against the baseline).
+
+def variant_ratios(rec: dict[str, Any]) -> dict[str, float]:
+    """baseline_s / ours_s of each measured variant of a perf record (keys of :data:`SPEED_VARIANTS`),
+    read from the ``variants: {ours, ours_bf16, ours_compile, ours_compile_bf16: {ratio}}`` layout
+    every perf script writes (``benchmarks/perf/_common.variant_table``); without it, the record's ``ratio``.
     """
     out: dict[str, float] = {}
-    if (r := _num(rec.get("ratio"))) is not None:
-        out["fp32"] = r
-    variants = rec.get("variants") if isinstance(rec.get("variants"), dict) else {}
-    for key, name in (("ours_bf16", "bf16"), ("ours_compile", "compile"), ("ours_compile_bf16", "compile+bf16")):
-        v = variants.get(key)
+    vs = rec.get("variants") if isinstance(rec.get("variants"), dict) else {}
+    for key, name in VARIANT_KEYS.items():
+        v = vs.get(key)
         if isinstance(v, dict) and (r := _num(v.get("ratio"))) is not None:
             out[name] = r
-    bf16 = rec.get("bf16") if isinstance(rec.get("bf16"), dict) else {}
-    if (r := _num(bf16.get("ratio_vs_baseline"))) is not None:
-        out["bf16"] = r
-    elif (r := _num(bf16.get("ratio_vs_fp32_vectorized"))) is not None and "fp32" in out:
-        out["bf16"] = r * out["fp32"]
-    comp = rec.get("compile") if isinstance(rec.get("compile"), dict) else {}
-    for key, name in (("ours_compile", "compile"), ("ours_compile_bf16", "compile+bf16")):
-        v = comp.get(key)
-        if isinstance(v, dict) and (r := _num(v.get("ratio_vs_baseline"))) is not None:
-            out[name] = r
+    if "fp32" not in out and (r := _num(rec.get("ratio"))) is not None:
+        out["fp32"] = r
     return out
 
 

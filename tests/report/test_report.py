@@ -93,8 +93,8 @@ def board(tmp_path: Path) -> dict:
     perf.parent.mkdir(parents=True, exist_ok=True)
     perf.write_text(json.dumps({"schema": 1, "kind": "perf", "name": "dm_iteration_quick", "ours_s": 9.68,
                                 "baseline_s": 11.87, "ratio": 1.2255, "baseline": "per-class loop (main_DM.py)",
-                                "bf16": {"ratio_vs_baseline": 1.8554},
-                                "compile": {"ours_compile_bf16": {"ratio_vs_baseline": 2.7538}},
+                                "variants": {"ours": {"ratio": 1.2255}, "ours_bf16": {"ratio": 1.8554},
+                                             "ours_compile_bf16": {"ratio": 2.7538}},
                                 "machine": {"device": "cpu"}, "command": "python x.py"}))
     (res / "perf" / "gm.json").write_text(json.dumps({
         "schema": 1, "kind": "perf", "name": "gm_step", "ours_s": 1.8, "baseline_s": 2.0, "ratio": 1.125,
