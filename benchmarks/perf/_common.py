@@ -84,6 +84,49 @@ def variant_table(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
             for name, ts in times.items() if name != "baseline"}
 
 
+def counted_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of one call as PyTorch's FlopCounterMode counts them (matmuls and
+    convolutions, forward and every backward, double backward included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def conv_peak_gflops(batch: int = 256, channels: int = 128, size: int = 16, repeats: int = 5) -> dict[str, float]:
+    """This machine's throughput on the convolution that dominates a ConvNet-3 step on 28x28 images
+    (the second 3x3 layer, ``channels`` in and out at ``size`` x ``size``: the first layer pads 28 to 32), forward only, in fp32 and
+    under bf16 autocast: GFLOP/s of the best of ``repeats`` calls. The yardstick for how close to the
+    machine a step runs: a step at this rate is compute-bound, so no reorganisation of the same
+    arithmetic can make it much faster."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, size, size, generator=g)
+    w = torch.randn(channels, channels, 3, 3, generator=g)
+    flops = 2 * batch * channels * size * size * channels * 9
+    out: dict[str, float] = {}
+    for tag, bf16 in (("fp32", False), ("bf16", True)):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            torch.nn.functional.conv2d(x, w, padding=1)  # warm-up
+            best = min(timed(lambda: torch.nn.functional.conv2d(x, w, padding=1)) for _ in range(repeats))
+        out[tag] = flops / best / 1e9
+    return out
+
+
+def flop_rates(flops: int, medians: dict[str, float], peak: dict[str, float]) -> dict[str, Any]:
+    """GFLOP/s of every timed run for ``flops`` per call, against the machine's conv throughput."""
+    rates = {name: flops / t / 1e9 for name, t in medians.items()}
+    return {
+        "flops_per_step": flops,
+        "gflops": rates,
+        "conv_peak_gflops": peak,
+        # the same arithmetic at the measured fp32 conv rate: an estimate of the best fp32 speed-up
+        # any implementation of the baseline's work can reach on this machine
+        "fp32_ratio_bound": peak["fp32"] / rates["baseline"],
+        "bf16_ratio_bound": peak["bf16"] / rates["baseline"],
+    }
+
+
 def command_line() -> str:
     """This invocation as a shell line, with the thread-count environment that shaped it."""
     env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ]

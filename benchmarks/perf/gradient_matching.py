@@ -24,6 +24,9 @@ that of the 10-class step, which takes 2.5x as long.
 
 Both draw the same network and real batch from a generator in the same state, so their losses
 must agree (checked). Variants are timed alternately in one process; medians of the repeats.
+Also reported (``flop_rate``): the step's FLOPs (PyTorch's counter), every variant's GFLOP/s and
+this CPU's throughput on the step's dominant convolution, i.e. how compute-bound the baseline
+already is and so the best ratio any reorganisation of the same arithmetic could reach here.
 Also reported: one inner-loop epoch at this ipc (network SGD on the synthetic set, DSA on), the
 other cost of an outer iteration at ipc >= 10.
 
@@ -42,7 +45,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import alternate, check_same_draw, command_line, load_data, timed, variant_table  # noqa: I001  (sibling module of this script)
+from _common import (  # noqa: I001  (sibling module of this script)
+    alternate,
+    check_same_draw,
+    command_line,
+    conv_peak_gflops,
+    counted_flops,
+    flop_rates,
+    load_data,
+    timed,
+    variant_table,
+)
 
 from condense.augment import DSA, default_strategy
 from condense.data import ClassIndex
@@ -190,6 +203,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs[name] = lambda synth=synth, syn=sets[name]: ours_step(synth, syn)
     times, med = alternate(runs, repeats)
     print("median s/matching step: " + ", ".join(f"{n} {t:.3f}" for n, t in med.items()))
+    # -- how close to the machine: the step's arithmetic against this CPU's conv throughput -----
+    flops = counted_flops(base.step)
+    rates = flop_rates(flops, med, conv_peak_gflops())
+    print(f"{flops / 1e9:.1f} GFLOP per step; GFLOP/s: "
+          + ", ".join(f"{n} {r:.0f}" for n, r in rates["gflops"].items())
+          + f"; conv peak fp32 {rates['conv_peak_gflops']['fp32']:.0f}, bf16 {rates['conv_peak_gflops']['bf16']:.0f}"
+          + f" -> bound on the ratio: fp32 {rates['fp32_ratio_bound']:.2f}x, bf16 {rates['bf16_ratio_bound']:.2f}x")
     inner = inner_epoch_time(data, args, repeats)
     print(f"one inner epoch (ipc {args.ipc}, DSA): {inner:.3f} s")
 
@@ -212,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "variants": variant_table(times),
         "baseline_times_s": times["baseline"],
         "inner_epoch_s": inner,
+        "flop_rate": rates,
         "setting": {"dataset": data_name, "model": "convnet", "width": args.width, "ipc": args.ipc,
                     "batch_real": batch_real, "classes": data.spec.num_classes, "repeats": repeats,
                     "dis_metric": "ours", "heap_kept": heap_kept, "quick": args.quick},

@@ -170,3 +170,32 @@ def test_multirun_basic_and_joblib(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         runs = sorted(p.parent.name for p in Path(sweep).rglob("synset.safetensors"))
         assert len(runs) == 2 and "ipc=1" in runs[0] and "ipc=2" in runs[1], runs
+
+
+@needs_fmnist
+def test_record_keeps_the_code_version_taken_at_job_start(tmp_path, monkeypatch):
+    """A commit made while a long job runs must not be credited with its result."""
+    import condense.provenance as prov
+    import condense.synth.runner as runner
+    from condense.cli.main import distil
+
+    # the working tree "changes" (a commit lands) as soon as the synthesis starts
+    start, later = {"git_sha": "a" * 40, "dirty": False}, {"git_sha": "b" * 40, "dirty": True}
+    state = {"now": start}
+    real_run = runner.run
+
+    def run_then_commit(*args, **kwargs):
+        state["now"] = later
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(prov, "code_version", lambda: state["now"])
+    monkeypatch.setattr(runner, "run", run_then_commit)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["method=random", "ipc=1", "budget=smoke", "evaluate=false",
+                                           "device=cpu", "progress=false", f"cache_dir={tmp_path / 'cache'}",
+                                           f"result_json={tmp_path / 'record.json'}"])
+    record = distil(cfg, tmp_path / "run")
+    assert state["now"] == later  # the run did go through the patched runner
+    assert record["code_version"] == start
+    assert json.loads((tmp_path / "record.json").read_text())["code_version"] == start
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["code_version"] == start
