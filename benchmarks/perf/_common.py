@@ -96,8 +96,8 @@ def counted_flops(fn: Callable[[], object]) -> int:
 
 def conv_peak_gflops(batch: int = 256, channels: int = 128, size: int = 16, repeats: int = 5) -> dict[str, float]:
     """This machine's throughput on the convolution that dominates a ConvNet-3 step on 28x28 images
-    (the second 3x3 layer, ``channels`` in and out at ``size`` x ``size``: the first layer pads 28 to 32), forward only, in fp32 and
-    under bf16 autocast: GFLOP/s of the best of ``repeats`` calls. The yardstick for how close to the
+    (the second 3x3 layer, ``channels`` in and out at ``size`` x ``size``; the first layer pads 28
+    to 32), forward only, in fp32 and under bf16 autocast: GFLOP/s of the best of ``repeats`` calls. The yardstick for how close to the
     machine a step runs: a step at this rate is compute-bound, so no reorganisation of the same
     arithmetic can make it much faster."""
     g = torch.Generator().manual_seed(0)
@@ -114,7 +114,11 @@ def conv_peak_gflops(batch: int = 256, channels: int = 128, size: int = 16, repe
 
 
 def flop_rates(flops: int, medians: dict[str, float], peak: dict[str, float]) -> dict[str, Any]:
-    """GFLOP/s of every timed run for ``flops`` per call, against the machine's conv throughput."""
+    """GFLOP/s of every timed run for ``flops`` per call, against the machine's conv throughput.
+
+    ``flops`` is the baseline's count; every variant does that same work (ours skips only the
+    gradients of 1-D weights, a negligible share), so a rate is the baseline's arithmetic per second.
+    """
     rates = {name: flops / t / 1e9 for name, t in medians.items()}
     return {
         "flops_per_step": flops,

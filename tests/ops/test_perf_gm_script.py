@@ -1,0 +1,42 @@
+"""The gradient-matching perf script end to end at a toy size: same loss as its per-class loop,
+and its FLOP-rate fields consistent with the counted arithmetic (no timing is asserted)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+PERF = Path(__file__).resolve().parents[2] / "benchmarks" / "perf"
+
+
+@pytest.fixture
+def perf_modules(monkeypatch):
+    monkeypatch.syspath_prepend(str(PERF))
+    import _common
+    import gradient_matching
+
+    yield _common, gradient_matching
+    for name in ("_common", "gradient_matching"):
+        sys.modules.pop(name, None)
+
+
+def test_counted_flops_of_a_matmul(perf_modules):
+    common, _ = perf_modules
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert common.counted_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+
+
+def test_gm_script_tiny(perf_modules, tmp_path):
+    _, gm = perf_modules
+    out = tmp_path / "gm.json"
+    rec = gm.main(["--classes", "2", "--batch-real", "8", "--ipc", "2", "--width", "16", "--repeats", "1",
+                   "--no-compile", "--no-vmap", "--out", str(out)])
+    assert out.exists() and rec["loss_check"]["rel_diff"] < 1e-4
+    fr = rec["flop_rate"]
+    assert fr["flops_per_step"] > 0
+    for name, v in rec["variants"].items():
+        assert fr["gflops"][name] == pytest.approx(fr["flops_per_step"] / v["median_s"] / 1e9)
+    assert fr["fp32_ratio_bound"] == pytest.approx(fr["conv_peak_gflops"]["fp32"] / fr["gflops"]["baseline"])
