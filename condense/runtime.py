@@ -5,6 +5,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 _KEPT = False
@@ -32,3 +36,38 @@ def keep_freed_memory() -> bool:
     _KEPT = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
     log.debug("glibc heap kept: %s", _KEPT)
     return _KEPT
+
+
+BF16_CHOICES = ("true", "false", "auto")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 natively (so bf16 autocast is a speed-up, not a loss).
+
+    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: AVX-512 BF16 or AMX tiles (x86). Without them
+    PyTorch emulates bfloat16 through float32 conversions: on an AVX2-only AMD EPYC (Zen 3) a
+    DC ipc 1 matching iteration took 166 s in bf16 autocast against 11 s in float32. Other
+    devices (MPS, ...): ``False``.
+    """
+    import torch  # noqa: F811 (entry-point settings module: torch only when asked)
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type == "cpu":
+        cpu = torch.cpu
+        checks = (getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None))
+        return any(bool(f()) for f in checks if f is not None)
+    return False
+
+
+def resolve_bf16(value: object, device: torch.device | str, where: str = "bf16") -> object:
+    """``"auto"`` -> :func:`native_bf16` of ``device``; booleans and other values pass through
+    (the strict config conversion checks them). Any other string fails naming the choices."""
+    from condense.errors import ConfigError
+
+    if isinstance(value, str):
+        if value != "auto":
+            raise ConfigError(f"{where} must be one of {', '.join(BF16_CHOICES)}, got {value!r}")
+        return native_bf16(device)
+    return value

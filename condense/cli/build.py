@@ -114,6 +114,12 @@ def method_config(cfg: DictConfig, explicit: set[str] | None = None) -> Any:
     explicit = cli_method_keys() if explicit is None else explicit
     budget = {k: v for k, v in budget_method_overrides(cfg).items() if k not in explicit}
     merged = {**node, **budget}
+    if "bf16" in merged:  # "auto": bf16 autocast only where the device computes it natively
+        from condense.provenance import resolve_device
+        from condense.runtime import resolve_bf16
+
+        merged["bf16"] = resolve_bf16(merged["bf16"], resolve_device(str(cfg.get("device", "auto"))),
+                                      "method.bf16")
     return to_dataclass(cls.Config, merged, "method", skip=("name",))
 
 
