@@ -116,6 +116,16 @@ class Synthesizer(abc.ABC):
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.cfg)
 
+    #: Config fields a resumed run may change (everything else must match the checkpoint's).
+    resume_free_fields: ClassVar[tuple[str, ...]] = ("iterations",)
+
+    def resume_fingerprint(self) -> str:
+        """The config a checkpoint must have been written with to be resumed (JSON, sorted keys)."""
+        import json
+
+        cfg = {k: v for k, v in self.config_dict().items() if k not in self.resume_free_fields}
+        return json.dumps(cfg, sort_keys=True, default=str)
+
 
 SYNTHESIZERS: Registry[type[Synthesizer]] = Registry("method")
 

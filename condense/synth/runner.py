@@ -128,6 +128,7 @@ def _save_checkpoint(path: Path, synth: Synthesizer, syn: SyntheticSet, it: int,
         "synth": synth.state_dict(),
         "rng": synth.ctx.generator.get_state(),
         "method": synth.name,
+        "config": synth.resume_fingerprint(),
     }
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -139,6 +140,14 @@ def _load_checkpoint(path: Path, synth: Synthesizer, syn: SyntheticSet) -> tuple
     if state.get("method") != synth.name:
         raise ConfigError(f"checkpoint {path} belongs to method {state.get('method')!r}, "
                           f"not {synth.name!r}; use another run directory or resume=false")
+    saved = state.get("config")  # absent in checkpoints of older versions: not checked
+    if saved is not None and saved != synth.resume_fingerprint():
+        old, new = json.loads(saved), json.loads(synth.resume_fingerprint())
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                         if old.get(k) != new.get(k))
+        raise ConfigError(f"checkpoint {path} was written with another {synth.name} config ({diff}); "
+                          "resuming would mix the two: rerun with the checkpoint's settings, or use "
+                          "another run directory / resume=false")
     with torch.no_grad():
         syn.images.copy_(state["images"].to(syn.images.device))
         if syn.labels.shape == state["labels"].shape:

@@ -16,6 +16,7 @@ class Toy(ImageOptimizerMixin, Synthesizer):
     """Pulls the images towards random real batches: uses the generator and momentum state."""
 
     name = "toy"
+    resume_free_fields = ("iterations", "signal_at", "nan_at")
 
     @dataclass
     class Config:
@@ -83,6 +84,17 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path):
     assert torch.equal(full.syn.images, resumed.syn.images)
     its = [json.loads(x)["it"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert its == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tiny_data, tmp_path):
+    """A checkpoint written with other settings is not silently continued under the new ones."""
+    run(_toy(tiny_data, iterations=2), RunConfig(run_dir=tmp_path, ckpt_every=2, progress=False))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"another toy config \(lr: 0.1 -> 0.5\).*resume=false"):
+        run(_toy(tiny_data, lr=0.5), RunConfig(run_dir=tmp_path, resume=True, progress=False))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before  # left as it was
+    res = run(_toy(tiny_data, iterations=3), RunConfig(run_dir=tmp_path, resume=True, progress=False))
+    assert res.iterations_done == 3  # iterations may change on resume
 
 
 def test_nan_stops_with_iteration_and_keeps_checkpoint(tiny_data, tmp_path):
