@@ -228,8 +228,6 @@ def score_table(sec: Section) -> Table:
     return Table(header, rows)
 
 
-
-
 def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 

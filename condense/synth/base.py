@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,8 +122,6 @@ class Synthesizer(abc.ABC):
 
     def resume_fingerprint(self) -> str:
         """The config a checkpoint must have been written with to be resumed (JSON, sorted keys)."""
-        import json
-
         cfg = {k: v for k, v in self.config_dict().items() if k not in self.resume_free_fields}
         return json.dumps(cfg, sort_keys=True, default=str)
 

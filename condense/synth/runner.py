@@ -141,8 +141,9 @@ def _load_checkpoint(path: Path, synth: Synthesizer, syn: SyntheticSet) -> tuple
         raise ConfigError(f"checkpoint {path} belongs to method {state.get('method')!r}, "
                           f"not {synth.name!r}; use another run directory or resume=false")
     saved = state.get("config")  # absent in checkpoints of older versions: not checked
-    if saved is not None and saved != synth.resume_fingerprint():
-        old, new = json.loads(saved), json.loads(synth.resume_fingerprint())
+    current = synth.resume_fingerprint()
+    if saved is not None and saved != current:
+        old, new = json.loads(saved), json.loads(current)
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                          if old.get(k) != new.get(k))
         raise ConfigError(f"checkpoint {path} was written with another {synth.name} config ({diff}); "
