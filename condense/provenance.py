@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,9 @@ def _cpu_model() -> str:
 
 
 def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
-    """CPU model, core count, torch version, device (and GPU name where there is one)."""
+    """CPU model, core count, torch version, device, native bf16 (and the GPU name where there is one)."""
+    from condense.runtime import native_bf16
+
     dev = torch.device(device) if device is not None else torch.device("cpu")
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
@@ -55,10 +58,52 @@ def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": dev.type,
+        "native_bf16": native_bf16(dev),
     }
     if dev.type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(dev)
     return info
+
+
+#: The probe's convolution: ConvNet-3's dominant layer (128 -> 128 channels, 3x3, 16x16 maps)
+#: on a batch of 32, forward only, fp32.
+PROBE_SHAPE = (32, 128, 16, 16)
+PROBE_FLOP = 2 * PROBE_SHAPE[0] * 128 * 128 * 9 * PROBE_SHAPE[2] * PROBE_SHAPE[3]
+
+
+def speed_probe(device: torch.device | str | None = None, *, seconds: float = 0.3) -> float:
+    """This machine's fp32 convolution throughput now, in GFLOP/s (median of calls over ~``seconds``).
+
+    Wall-clock budgets make a run's iteration count depend on the machine, and machines with
+    the same CPU name have run the same step 1.7-4.7x apart here; a result records this number
+    at the start and the end of its distillation so that its speed (and any contention during
+    the run) can be read next to its iteration count.
+
+    Args:
+        device: where to measure (default: CPU).
+        seconds: time to spend measuring, after one warm-up call.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(PROBE_SHAPE, generator=gen).to(dev)
+    w = (torch.randn(128, 128, 3, 3, generator=gen) * 0.03).to(dev)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    times: list[float] = []
+    with torch.no_grad():
+        torch.nn.functional.conv2d(x, w, padding=1)
+        sync()
+        end = time.perf_counter() + seconds
+        while not times or (time.perf_counter() < end and len(times) < 1000):
+            t = time.perf_counter()
+            torch.nn.functional.conv2d(x, w, padding=1)
+            sync()
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return round(PROBE_FLOP / times[len(times) // 2] / 1e9, 1)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -109,11 +109,13 @@ def _remove_if_empty(path: Path) -> None:
 
 
 def result_record(cfg: Any, built: dict[str, Any], result_info: dict[str, Any], report: Any,
-                  device: Any, run_dir: Path | None = None, code: dict[str, Any] | None = None) -> dict[str, Any]:
+                  device: Any, run_dir: Path | None = None, code: dict[str, Any] | None = None,
+                  speed: dict[str, float] | None = None) -> dict[str, Any]:
     """The benchmark-format record of DESIGN.md for one run.
 
     ``code``: the code version taken when the job started (default: now); a long run must not
-    record a commit made while it ran.
+    record a commit made while it ran. ``speed``: :func:`condense.provenance.speed_probe` GFLOP/s
+    at the start and end of the distillation (``machine.conv_gflops``).
     """
     import dataclasses
 
@@ -133,7 +135,7 @@ def result_record(cfg: Any, built: dict[str, Any], result_info: dict[str, Any], 
         "config": to_plain(cfg),
         "method_config": dataclasses.asdict(built["method"]) if dataclasses.is_dataclass(built["method"]) else None,
         "code_version": code if code is not None else code_version(),
-        "machine": machine_info(device),
+        "machine": {**machine_info(device), **({"conv_gflops": speed} if speed else {})},
         "distill": {"wall_s": result_info["wall_s"], "iterations": result_info["iterations"],
                     "iterations_planned": result_info["iterations_planned"],
                     "stopped_by": result_info["stopped_by"], "init_s": result_info.get("init_s")},
@@ -183,7 +185,7 @@ def distil(cfg: Any, run_dir: Path) -> dict[str, Any]:
         validate,
     )
     from condense.eval import Evaluator, write_eval_json
-    from condense.provenance import code_version, resolve_device, write_json_atomic
+    from condense.provenance import code_version, resolve_device, speed_probe, write_json_atomic
     from condense.synth.runner import EvalCallback, WandbCallback, run
 
     built = validate(cfg)
@@ -206,7 +208,11 @@ def distil(cfg: Any, run_dir: Path) -> dict[str, Any]:
     log.info("%s on %s, ipc %d, %d iterations (budget %s), device %s", cfg.method.name,
              cfg.dataset.name, cfg.ipc, built["iterations"], cfg.budget.name, device)
     code = code_version()  # the code that runs: taken before the (possibly hours-long) run
+    speed = {"start": speed_probe(device)}
     result = run(synth, run_config(cfg, run_dir, callbacks))
+    speed["end"] = speed_probe(device)
+    log.info("machine speed probe: %.1f GFLOP/s at the start, %.1f at the end of the distillation "
+             "(fp32 convolution)", speed["start"], speed["end"])
     syn = result.syn
     syn.meta.config = {"method": dataclasses.asdict(mcfg), "run": to_plain(cfg)}
     syn.meta.code_version = code
@@ -215,7 +221,7 @@ def distil(cfg: Any, run_dir: Path) -> dict[str, Any]:
     if evaluator is not None:
         report = evaluator.evaluate(syn)
     save_synset(syn, run_dir, eval_recipe=None if report is None else report.protocol)
-    record = result_record(cfg, built, result.info(), report, device, run_dir, code=code)
+    record = result_record(cfg, built, result.info(), report, device, run_dir, code=code, speed=speed)
     if report is not None:
         write_eval_json(report, run_dir / "eval.json", method=record["method"], dataset=record["dataset"],
                         ipc=record["ipc"], artifact=str(run_dir))

@@ -159,18 +159,29 @@ def protocol_text(recs: list[dict[str, Any]]) -> str:
 def machine_lines(recs: list[dict[str, Any]]) -> list[str]:
     """Machine and code-version summary lines with record counts."""
     machines: Counter[str] = Counter()
+    probes: dict[str, list[float]] = {}
     codes: Counter[str] = Counter()
     for r in recs:
         m = r.get("machine") or {}
         desc = ", ".join(str(x) for x in (
             m.get("gpu") or m.get("cpu"), f"{m.get('cores')} cores" if m.get("cores") else None,
             f"device {m.get('device')}" if m.get("device") else None,
-            f"torch {m.get('torch')}" if m.get("torch") else None) if x)
-        machines[desc or "unknown"] += 1
+            f"torch {m.get('torch')}" if m.get("torch") else None) if x) or "unknown"
+        machines[desc] += 1
+        speed = m.get("conv_gflops") if isinstance(m.get("conv_gflops"), dict) else {}
+        if (start := _num(speed.get("start"))) is not None:
+            probes.setdefault(desc, []).append(start)
         c = r.get("code_version") or {}
         sha = c.get("git_sha")
         codes[(f"`{sha[:10]}`" if sha else "unknown") + (" (uncommitted changes)" if c.get("dirty") else "")] += 1
-    return ([f"Machine: {k} — {v} record(s)." for k, v in machines.most_common()]
+    def probe_text(desc: str) -> str:
+        vals = probes.get(desc)
+        if not vals:
+            return ""
+        return (f" Speed probe (fp32 convolution, `machine.conv_gflops`) at the start of {len(vals)} of "
+                f"them: {min(vals):.0f}–{max(vals):.0f} GFLOP/s.")
+
+    return ([f"Machine: {k} — {v} record(s).{probe_text(k)}" for k, v in machines.most_common()]
             + [f"Code version: {k} — {v} record(s)." for k, v in codes.most_common()])
 
 
