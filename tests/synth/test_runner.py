@@ -74,6 +74,33 @@ def test_deadline_stops_cleanly(tiny_data, monkeypatch):
     assert res.info()["iterations_planned"] == 100
 
 
+def test_deadline_is_not_overrun_by_a_long_iteration(tiny_data, monkeypatch):
+    """Iterations of 30 s, budget 100 s: 3 iterations (90 s); a 4th would end at 120 s."""
+    import condense.synth.runner as runner
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock["t"])
+    res = run(_slow(tiny_data, monkeypatch, clock, 30.0), RunConfig(max_seconds=100, progress=False))
+    assert (res.stopped_by, res.iterations_done, res.wall_s) == ("deadline", 3, 90.0)
+    # a single iteration longer than the whole budget still runs once (nothing to judge it by)
+    clock["t"] = 0.0
+    res = run(_slow(tiny_data, monkeypatch, clock, 150.0), RunConfig(max_seconds=100, progress=False))
+    assert (res.stopped_by, res.iterations_done) == ("deadline", 1)
+
+
+def _slow(tiny_data, monkeypatch, clock, seconds):
+    """A toy synthesizer whose every step advances the fake ``clock`` by ``seconds``."""
+    toy = _toy(tiny_data, iterations=100)
+    real_step = toy.step
+
+    def slow_step(syn, it):
+        clock["t"] += seconds
+        return real_step(syn, it)
+
+    monkeypatch.setattr(toy, "step", slow_step)
+    return toy
+
+
 def test_resume_equals_uninterrupted(tiny_data, tmp_path):
     full = run(_toy(tiny_data), RunConfig(run_dir=tmp_path / "a", ckpt_every=2, progress=False))
     # a run that got to iteration 4 (its checkpoint), then died
