@@ -65,19 +65,21 @@ def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
     return info
 
 
-#: The probe's convolution: ConvNet-3's dominant layer (128 -> 128 channels, 3x3, 16x16 maps)
-#: on a batch of 32, forward only, fp32.
-PROBE_SHAPE = (32, 128, 16, 16)
-PROBE_FLOP = 2 * PROBE_SHAPE[0] * 128 * 128 * 9 * PROBE_SHAPE[2] * PROBE_SHAPE[3]
+#: The probe's matrix product: the im2col GEMM of ConvNet-3's dominant layer (128 -> 128 channels,
+#: 3x3, 16x16 maps, batch 32): (32*16*16, 128*9) @ (128*9, 128), fp32.
+PROBE_SHAPE = (32 * 16 * 16, 128 * 9, 128)
+PROBE_FLOP = 2 * PROBE_SHAPE[0] * PROBE_SHAPE[1] * PROBE_SHAPE[2]
 
 
 def speed_probe(device: torch.device | str | None = None, *, seconds: float = 0.3) -> float:
-    """This machine's fp32 convolution throughput now, in GFLOP/s (median of calls over ~``seconds``).
+    """This machine's fp32 GEMM throughput now, in GFLOP/s (median of calls over ~``seconds``).
 
     Wall-clock budgets make a run's iteration count depend on the machine, and machines with
     the same CPU name have run the same step 1.7-4.7x apart here; a result records this number
     at the start and the end of its distillation so that its speed (and any contention during
-    the run) can be read next to its iteration count.
+    the run) can be read next to its iteration count. The product writes into a preallocated
+    output: a convolution's fresh output tensor made the number depend on the allocator's state
+    (150 vs 220 GFLOP/s on one machine with glibc's heap trimmed or kept), this does not.
 
     Args:
         device: where to measure (default: CPU).
@@ -85,23 +87,24 @@ def speed_probe(device: torch.device | str | None = None, *, seconds: float = 0.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(PROBE_SHAPE, generator=gen).to(dev)
-    w = (torch.randn(128, 128, 3, 3, generator=gen) * 0.03).to(dev)
+    m, k, n = PROBE_SHAPE
+    a = torch.randn(m, k, generator=gen).to(dev)
+    b = torch.randn(k, n, generator=gen).to(dev)
+    out = torch.empty(m, n, device=dev)
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
     times: list[float] = []
-    with torch.no_grad():
-        torch.nn.functional.conv2d(x, w, padding=1)
+    torch.mm(a, b, out=out)
+    sync()
+    end = time.perf_counter() + seconds
+    while not times or (time.perf_counter() < end and len(times) < 1000):
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
         sync()
-        end = time.perf_counter() + seconds
-        while not times or (time.perf_counter() < end and len(times) < 1000):
-            t = time.perf_counter()
-            torch.nn.functional.conv2d(x, w, padding=1)
-            sync()
-            times.append(time.perf_counter() - t)
+        times.append(time.perf_counter() - t)
     times.sort()
     return round(PROBE_FLOP / times[len(times) // 2] / 1e9, 1)
 

@@ -14,16 +14,16 @@ def test_machine_info_says_whether_bf16_is_native():
 
 
 def test_speed_probe_is_flop_over_the_median_call_time(monkeypatch):
-    # a fake clock: every call to conv2d "takes" 0.5 s, so the probe must report PROBE_FLOP / 0.5 s
+    # a fake clock: every matrix product "takes" 0.5 s, so the probe must report PROBE_FLOP / 0.5 s
     clock = {"t": 0.0}
     monkeypatch.setattr(prov.time, "perf_counter", lambda: clock["t"])
-    real_conv = prov.torch.nn.functional.conv2d
+    real_mm = prov.torch.mm
 
-    def slow_conv(*args, **kwargs):
+    def slow_mm(*args, **kwargs):
         clock["t"] += 0.5
-        return real_conv(*args, **kwargs)
+        return real_mm(*args, **kwargs)
 
-    monkeypatch.setattr(prov.torch.nn.functional, "conv2d", slow_conv)
+    monkeypatch.setattr(prov.torch, "mm", slow_mm)
     assert speed_probe("cpu", seconds=2.0) == pytest.approx(round(PROBE_FLOP / 0.5 / 1e9, 1))
 
 

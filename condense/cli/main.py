@@ -115,7 +115,7 @@ def result_record(cfg: Any, built: dict[str, Any], result_info: dict[str, Any], 
 
     ``code``: the code version taken when the job started (default: now); a long run must not
     record a commit made while it ran. ``speed``: :func:`condense.provenance.speed_probe` GFLOP/s
-    at the start and end of the distillation (``machine.conv_gflops``).
+    at the start and end of the distillation (``machine.gemm_gflops``).
     """
     import dataclasses
 
@@ -135,7 +135,7 @@ def result_record(cfg: Any, built: dict[str, Any], result_info: dict[str, Any], 
         "config": to_plain(cfg),
         "method_config": dataclasses.asdict(built["method"]) if dataclasses.is_dataclass(built["method"]) else None,
         "code_version": code if code is not None else code_version(),
-        "machine": {**machine_info(device), **({"conv_gflops": speed} if speed else {})},
+        "machine": {**machine_info(device), **({"gemm_gflops": speed} if speed else {})},
         "distill": {"wall_s": result_info["wall_s"], "iterations": result_info["iterations"],
                     "iterations_planned": result_info["iterations_planned"],
                     "stopped_by": result_info["stopped_by"], "init_s": result_info.get("init_s")},
@@ -212,7 +212,7 @@ def distil(cfg: Any, run_dir: Path) -> dict[str, Any]:
     result = run(synth, run_config(cfg, run_dir, callbacks))
     speed["end"] = speed_probe(device)
     log.info("machine speed probe: %.1f GFLOP/s at the start, %.1f at the end of the distillation "
-             "(fp32 convolution)", speed["start"], speed["end"])
+             "(fp32 GEMM)", speed["start"], speed["end"])
     syn = result.syn
     syn.meta.config = {"method": dataclasses.asdict(mcfg), "run": to_plain(cfg)}
     syn.meta.code_version = code

@@ -168,7 +168,7 @@ def machine_lines(recs: list[dict[str, Any]]) -> list[str]:
             f"device {m.get('device')}" if m.get("device") else None,
             f"torch {m.get('torch')}" if m.get("torch") else None) if x) or "unknown"
         machines[desc] += 1
-        speed = m.get("conv_gflops") if isinstance(m.get("conv_gflops"), dict) else {}
+        speed = m.get("gemm_gflops") if isinstance(m.get("gemm_gflops"), dict) else {}
         if (start := _num(speed.get("start"))) is not None:
             probes.setdefault(desc, []).append(start)
         c = r.get("code_version") or {}
@@ -178,7 +178,7 @@ def machine_lines(recs: list[dict[str, Any]]) -> list[str]:
         vals = probes.get(desc)
         if not vals:
             return ""
-        return (f" Speed probe (fp32 convolution, `machine.conv_gflops`) at the start of {len(vals)} of "
+        return (f" Speed probe (fp32 GEMM, `machine.gemm_gflops`) at the start of {len(vals)} of "
                 f"them: {min(vals):.0f}–{max(vals):.0f} GFLOP/s.")
 
     return ([f"Machine: {k} — {v} record(s).{probe_text(k)}" for k, v in machines.most_common()]

@@ -222,6 +222,6 @@ def test_record_keeps_the_code_version_taken_at_job_start(tmp_path, monkeypatch)
     assert json.loads((tmp_path / "record.json").read_text())["code_version"] == start
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["code_version"] == start
     # the machine's speed probe at both ends of the distillation, and whether bf16 is native
-    speed = record["machine"]["conv_gflops"]
+    speed = record["machine"]["gemm_gflops"]
     assert set(speed) == {"start", "end"} and speed["start"] > 0 and speed["end"] > 0
     assert isinstance(record["machine"]["native_bf16"], bool)

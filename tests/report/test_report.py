@@ -79,8 +79,8 @@ def board(tmp_path: Path) -> dict:
     put(res, record("random", 1, RANDOM1, wall_s=0.0, iterations=0))
     put(res, record("random", 10, RANDOM10, wall_s=0.0, iterations=0))
     dm1, dm10 = record("dm", 1, DM1, wall_s=120.0, iterations=400), record("dm", 10, DM10, wall_s=300.0, iterations=400)
-    dm1["machine"]["conv_gflops"] = {"start": 140.2, "end": 139.0}  # the speed probe (two records have it)
-    dm10["machine"]["conv_gflops"] = {"start": 95.4, "end": 60.0}
+    dm1["machine"]["gemm_gflops"] = {"start": 140.2, "end": 139.0}  # the speed probe (two records have it)
+    dm10["machine"]["gemm_gflops"] = {"start": 95.4, "end": 60.0}
     put(res, dm1)
     put(res, dm10)
     put(res, record("dm", 50, DM50, wall_s=900.0, iterations=300, epochs=300))
@@ -203,7 +203,7 @@ def test_header_protocol_machine_speed_and_skipped(board: dict) -> None:
     assert "Budget `cpu`: Each set trains 3 fresh model(s) of convnet" in md
     assert "1000 at ipc 1" in md and "300 at ipc 50" in md and "DSA augmentation during training" in md
     assert "Fake CPU, 2 cores" in md and "`0123456789`" in md
-    assert "`machine.conv_gflops`) at the start of 2 of them: 95–140 GFLOP/s." in md
+    assert "`machine.gemm_gflops`) at the start of 2 of them: 95–140 GFLOP/s." in md
     speed = tables_after(md, "## Speed")[0]
     dm = row(speed, name="dm_iteration_quick")
     assert (dm["fp32 ratio"], dm["bf16 ratio"], dm["compile ratio"], dm["compile+bf16 ratio"]) == (
