@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from condense.runtime import native_bf16
+
 _REPO = Path(__file__).resolve().parent.parent
 
 
@@ -48,8 +50,6 @@ def _cpu_model() -> str:
 
 def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
     """CPU model, core count, torch version, device, native bf16 (and the GPU name where there is one)."""
-    from condense.runtime import native_bf16
-
     dev = torch.device(device) if device is not None else torch.device("cpu")
     info: dict[str, Any] = {
         "cpu": _cpu_model(),

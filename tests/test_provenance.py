@@ -14,13 +14,15 @@ def test_machine_info_says_whether_bf16_is_native():
 
 
 def test_speed_probe_is_flop_over_the_median_call_time(monkeypatch):
-    # a fake clock: every matrix product "takes" 0.5 s, so the probe must report PROBE_FLOP / 0.5 s
+    # a fake clock: the warm-up product "takes" 100 s (not timed), then the timed ones 0.5, 0.5,
+    # 4 s in turn: the median is 0.5 s (a mean would be 1.67 s), so PROBE_FLOP / 0.5 s
     clock = {"t": 0.0}
     monkeypatch.setattr(prov.time, "perf_counter", lambda: clock["t"])
     real_mm = prov.torch.mm
+    durations = iter([100.0] + [0.5, 0.5, 4.0] * 100)
 
     def slow_mm(*args, **kwargs):
-        clock["t"] += 0.5
+        clock["t"] += next(durations)
         return real_mm(*args, **kwargs)
 
     monkeypatch.setattr(prov.torch, "mm", slow_mm)
