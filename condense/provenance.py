@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from condense.runtime import native_bf16
+from condense.runtime import bf16_speedup, native_bf16
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -49,7 +49,9 @@ def _cpu_model() -> str:
 
 
 def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
-    """CPU model, core count, torch version, device, native bf16 (and the GPU name where there is one)."""
+    """CPU model, core count, torch version, device, native bf16, the measured bf16/fp32 speed
+    ratio on a CPU (:func:`condense.runtime.bf16_speedup`; ``None`` elsewhere), and the GPU name
+    where there is one."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
@@ -59,6 +61,7 @@ def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "device": dev.type,
         "native_bf16": native_bf16(dev),
+        "bf16_speedup": bf16_speedup(dev),
     }
     if dev.type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(dev)

@@ -1,16 +1,39 @@
 import math
+import time
 
 import pytest
 
 import condense.provenance as prov
+import condense.runtime as rt
 from condense.provenance import PROBE_FLOP, machine_info, speed_probe
-from condense.runtime import native_bf16
+from condense.runtime import bf16_speedup, native_bf16
 
 
 def test_machine_info_says_whether_bf16_is_native():
     info = machine_info("cpu")
     assert info["native_bf16"] is native_bf16("cpu")
     assert info["device"] == "cpu" and info["cores"] >= 1
+    assert info["bf16_speedup"] == bf16_speedup("cpu") > 0
+
+
+def test_bf16_probe_is_the_fp32_over_bf16_median_time_measured_once(monkeypatch):
+    # a fake clock: every fp32 block "takes" 3 s, every bf16 one 2 s except one 50 s outlier, so
+    # the medians give 1.5 (a mean would be < 1); a second call reuses the measured value
+    monkeypatch.delitem(rt._BF16_SPEEDUP, "cpu", raising=False)
+    clock = {"t": 0.0}
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["t"])
+    real_conv = rt.torch.nn.functional.conv2d
+    bf16_times = iter([2.0, 2.0, 50.0, 2.0, 2.0, 2.0])
+
+    def conv(*args, **kwargs):
+        clock["t"] += next(bf16_times) if rt.torch.is_autocast_enabled("cpu") else 3.0
+        return real_conv(*args, **kwargs)
+
+    monkeypatch.setattr(rt.torch.nn.functional, "conv2d", conv)
+    assert bf16_speedup("cpu") == pytest.approx(1.5)
+    monkeypatch.setattr(rt.torch.nn.functional, "conv2d", real_conv)
+    assert bf16_speedup("cpu") == pytest.approx(1.5)  # cached: not measured again
+    assert bf16_speedup("meta") is None
 
 
 def test_speed_probe_is_flop_over_the_median_call_time(monkeypatch):

@@ -114,7 +114,7 @@ def method_config(cfg: DictConfig, explicit: set[str] | None = None) -> Any:
     explicit = cli_method_keys() if explicit is None else explicit
     budget = {k: v for k, v in budget_method_overrides(cfg).items() if k not in explicit}
     merged = {**node, **budget}
-    if "bf16" in merged:  # "auto": bf16 autocast only where the device computes it natively
+    if "bf16" in merged:  # "auto": bf16 autocast only where it is native and measured faster
         from condense.provenance import resolve_device
         from condense.runtime import resolve_bf16
 

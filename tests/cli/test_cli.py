@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from condense.cli.build import eval_config, method_config, resolve_iterations, run_config, validate
 from condense.cli.main import CONF_DIR, group_choices
 from condense.errors import ConfigError
-from condense.runtime import native_bf16
+from condense.runtime import bf16_pays, native_bf16
 from tests.conftest import needs_fmnist
 
 CONDENSE = [sys.executable, "-c", "from condense.cli.main import main; main()"]
@@ -70,7 +70,7 @@ def test_budget_per_ipc_overrides_and_deadline():
         for ipc, batch, inner, secs in ((1, 128, None, 900.0), (10, 128, 10, 900.0), (50, 64, 5, 1800.0)):
             cfg = compose("config", overrides=["method=dsa", "budget=cpu", f"ipc={ipc}"])
             m = method_config(cfg)
-            assert (m.batch_real, m.inner_loop, m.bf16, m.compile) == (batch, inner, native_bf16("cpu"), True)
+            assert (m.batch_real, m.inner_loop, m.bf16, m.compile) == (batch, inner, bf16_pays("cpu"), True)
             assert run_config(cfg, None, []).max_seconds == secs
             table = cfg.budget.iterations.get("dsa", {}).get(f"ipc{ipc}")
             assert resolve_iterations(cfg, m) == (table or 1000)  # table, else the published cap
@@ -87,21 +87,26 @@ def test_budget_per_ipc_overrides_and_deadline():
         cfg = compose("config", overrides=["method=dm", "budget=demo", "ipc=10"])
         m = method_config(cfg)
         assert resolve_iterations(cfg, m) == 1000 and run_config(cfg, None, []).max_seconds == 300.0
-        assert (m.bf16, m.compile) == (native_bf16("cpu"), True)  # bf16: auto in the cpu budget
+        assert (m.bf16, m.compile) == (bf16_pays("cpu"), True)  # bf16: auto in the cpu budget
 
 
 def test_bf16_auto_resolves_by_the_device_and_bad_values_name_the_choices(monkeypatch):
-    """``bf16: auto`` becomes a bool for the device (native bf16 only); a bad string is one error."""
+    """``bf16: auto`` becomes a bool for the device: native bf16 *and* measured faster than fp32
+    (the probe's ratio at least BF16_MIN_SPEEDUP); a bad string is one error."""
     import torch
 
+    import condense.runtime as rt
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for native in (True, False):
+        for native, speedup, want in ((True, 2.0, True), (True, 0.8, False), (True, 1.1, False),
+                                      (False, 2.0, False)):
             monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
             monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+            monkeypatch.setitem(rt._BF16_SPEEDUP, "cpu", speedup)
             cfg = compose("config", overrides=["method=dc", "budget=cpu", "ipc=1", "device=cpu"])
-            assert method_config(cfg, explicit=set()).bf16 is native
+            assert method_config(cfg, explicit=set()).bf16 is want
             cfg = compose("config", overrides=["method=dm", "ipc=1", "device=cpu", "method.bf16=auto"])
-            assert method_config(cfg, explicit={"bf16"}).bf16 is native
+            assert method_config(cfg, explicit={"bf16"}).bf16 is want
         cfg = compose("config", overrides=["method=dm", "ipc=1", "method.bf16=true"])
         assert method_config(cfg, explicit={"bf16"}).bf16 is True  # an explicit choice is kept
         cfg = compose("config", overrides=["method=dm", "ipc=1", "method.bf16=maybe"])
