@@ -12,9 +12,24 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from condense.errors import CondenseError
+from condense.models._pool import AvgPool2x2
 from condense.types import DatasetSpec, RealData
+
+
+def stock_pooling(model: nn.Module) -> nn.Module:
+    """``model`` with every :class:`AvgPool2x2` swapped for a stock ``nn.AvgPool2d(2, 2)``, in place.
+
+    The baselines run on the network the reference repositories build (stock torch layers);
+    the pool has no state, so the function computed, the weights and the draws are unchanged.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, AvgPool2x2):
+                setattr(parent, name, nn.AvgPool2d(2, 2))
+    return model
 
 
 def load_data(name: str) -> tuple[RealData, str]:
@@ -45,10 +60,11 @@ def check_same_draw(base: Any, variants: dict[str, Any], sets: dict[str, Any],
     """One step of the baseline and of every variant from the same generator state (the warm-up).
 
     ``base`` has ``ctx``, ``images`` and ``step()``; ``step(variant, its set)`` runs one of ours.
-    Asserts that fp32 ours and the baseline give the same loss and the same updated images;
+    Asserts that fp32 ours and the baseline give the same loss and the same image update;
     returns the losses, their relative difference and that of bf16 ours from fp32 ours.
     """
     state = base.ctx.generator.get_state()
+    before = base.images.detach().clone()
     for s in variants.values():
         s.ctx.generator.set_state(state)
     check = {name: step(s, sets[name]) for name, s in variants.items()}
@@ -58,7 +74,11 @@ def check_same_draw(base: Any, variants: dict[str, Any], sets: dict[str, Any],
     print(f"loss same draw: ours {check['ours']:.6f}  loop {check['baseline']:.6f}  (rel {rel:.2e}); "
           f"bf16 {check['ours_bf16']:.6f} (rel {rel_bf16:.2e})")
     assert rel < 1e-4, f"ours and the per-class loop differ: {check}"
-    torch.testing.assert_close(sets["ours"].images.detach(), base.images.detach(), rtol=1e-4, atol=1e-5)
+    # the same image update, up to fp32 summation order (condense's pooling sums in another order;
+    # single pixels of the update can move by ~1e-4 relative to the update's scale)
+    d_ours, d_base = sets["ours"].images.detach() - before, base.images.detach() - before
+    upd_rel = float((d_ours - d_base).norm() / d_base.norm())
+    assert upd_rel < 1e-3, f"ours and the per-class loop update the images differently (rel {upd_rel:.2e})"
     return check, rel, rel_bf16
 
 

@@ -25,7 +25,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import alternate, check_same_draw, command_line, load_data, timed, variant_table  # noqa: I001  (sibling module of this script)
+from _common import (  # noqa: I001  (sibling module of this script)
+    alternate,
+    check_same_draw,
+    command_line,
+    load_data,
+    stock_pooling,
+    timed,
+    variant_table,
+)
 
 from condense.augment import DSA, default_strategy
 from condense.data import ClassIndex
@@ -63,7 +71,7 @@ class PerClassLoop:
     def step(self) -> float:
         ctx, cfg = self.ctx, self.cfg
         k, ipc = ctx.spec.num_classes, ctx.ipc
-        model = ctx.make_model().requires_grad_(False).train()  # same draw order as ours
+        model = stock_pooling(ctx.make_model().requires_grad_(False).train())  # same draw order as ours
         real = ctx.index.gather(ctx.data.train_images, cfg.batch_real, ctx.generator)
         # siamese_views' draw: one transform per class, shared by its real and synthetic images
         params = ctx.augment.sample_per_group(k, 1, ctx.generator)

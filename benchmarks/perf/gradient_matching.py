@@ -10,7 +10,11 @@ over classes, one SGD step on the images.
   i.e. ``loop`` on CPU; 1-D weights skipped as ``ours`` ignores them; image gradient only).
 - baseline (written here): the reference ``main.py`` structure — for each class, forward the real
   batch, ``torch.autograd.grad``, forward the synthetic images, ``autograd.grad(create_graph=True)``,
-  the reference's layer-wise distance over all weights; then ``loss.backward()`` and a step.
+  the reference's layer-wise distance over all weights; then ``loss.backward()`` and a step; on
+  the network of the reference repositories, stock torch layers (``nn.AvgPool2d``).
+- loop_fastpool: the same loop on condense's ConvNet, whose 2x2 average pool is
+  ``condense.models._pool.AvgPool2x2`` (same function, faster kernel): separates what the
+  pooling kernel gives from what the reorganisation of the step gives.
 - ours_bf16: ours under bfloat16 autocast. ours_vmap (not with ``--quick``): ``impl=vmap``.
 - ours_compile / ours_compile_bf16: ``compile=true`` (the real-batch forward + loss through
   ``torch.compile``; compiled during the untimed same-draw check).
@@ -53,6 +57,7 @@ from _common import (  # noqa: I001  (sibling module of this script)
     counted_flops,
     flop_rates,
     load_data,
+    stock_pooling,
     timed,
     variant_table,
 )
@@ -107,8 +112,9 @@ def reference_distance(gr: list[torch.Tensor], gs: list[torch.Tensor]) -> torch.
 class PerClassLoop:
     """The baseline: the reference's per-class loop, drawing what ``match_step`` draws."""
 
-    def __init__(self, ctx: SynthContext, batch_real: int, images: torch.Tensor, lr: float) -> None:
-        self.ctx, self.batch_real = ctx, batch_real
+    def __init__(self, ctx: SynthContext, batch_real: int, images: torch.Tensor, lr: float,
+                 stock: bool = True) -> None:
+        self.ctx, self.batch_real, self.stock = ctx, batch_real, stock
         self.images = images.detach().clone().requires_grad_(True)
         self.opt = torch.optim.SGD([self.images], lr=lr, momentum=0.5)
 
@@ -116,6 +122,8 @@ class PerClassLoop:
         ctx = self.ctx
         k, ipc = ctx.spec.num_classes, ctx.ipc
         net = ctx.make_model().train()
+        if self.stock:
+            stock_pooling(net)
         plist = list(net.parameters())
         real = ctx.index.gather(ctx.data.train_images, self.batch_real, ctx.generator)
         loss = self.images.new_zeros(())
@@ -193,12 +201,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     sets = {name: s.init_set() for name, s in variants.items()}
     base = PerClassLoop(make_ctx(data, args, 0), batch_real, sets["ours"].images, 0.1)
+    # the same loop on condense's ConvNet (its fast pooling): what the reorganisation alone gives
+    loop_fast = PerClassLoop(make_ctx(data, args, 0), batch_real, sets["ours"].images, 0.1, stock=False)
 
     # -- same draw, same loss (also the warm-up of every variant) ------------------------------
     check, rel, rel_bf16 = check_same_draw(base, variants, sets, ours_step)
 
     # -- alternate the variants, medians -------------------------------------------------------
-    runs: dict[str, Callable[[], object]] = {"baseline": base.step}
+    loop_fast.step()  # warm-up (not part of the same-draw check: same network, same loss)
+    runs: dict[str, Callable[[], object]] = {"baseline": base.step, "loop_fastpool": loop_fast.step}
     for name, synth in variants.items():
         runs[name] = lambda synth=synth, syn=sets[name]: ours_step(synth, syn)
     times, med = alternate(runs, repeats)
@@ -227,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "reference main.py structure written in this script: per class, forward + "
             "autograd.grad on the real batch, forward + autograd.grad(create_graph) on the "
             "synthetic images, layer-wise distance over all weights, then loss.backward() and "
-            "an SGD step; one call = one matching step on a fresh ConvNet-3"
+            "an SGD step; one call = one matching step on a fresh ConvNet-3 built from stock "
+            "torch layers (nn.AvgPool2d; loop_fastpool: the same loop on condense's ConvNet)"
         ),
         "variants": variant_table(times),
         "baseline_times_s": times["baseline"],

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from condense.errors import ConfigError
+from condense.models._pool import AvgPool2x2
 
 NORMS_2D = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
 ACTIVATIONS = ("relu", "sigmoid", "leakyrelu", "swish")
@@ -151,9 +152,10 @@ def make_activation(kind: str) -> nn.Module:
 
 
 def make_pool(kind: str) -> nn.Module:
-    """``avgpool`` | ``maxpool``: a 2x2 stride-2 pooling layer (``none`` is the caller's)."""
+    """``avgpool`` (:class:`AvgPool2x2`, an ``nn.AvgPool2d(2, 2)``) | ``maxpool``: a 2x2 stride-2
+    pooling layer (``none`` is the caller's)."""
     check_choice("pooling", kind, POOLINGS[:-1])
-    return nn.AvgPool2d(2, 2) if kind == "avgpool" else nn.MaxPool2d(2, 2)
+    return AvgPool2x2() if kind == "avgpool" else nn.MaxPool2d(2, 2)
 
 
 # --------------------------------------------------------------------------- initialisation

@@ -2,7 +2,7 @@
 
 Norm is instance norm (GroupNorm(c, c)) or BatchNorm. ``resnet18``: global average pooling after
 the last stage (512-d embedding; equal to DC's 4x4 average pool for 28x28 and 32x32 inputs).
-``resnet18_ap``: every stride-2 conv becomes a stride-1 conv followed by AvgPool2x2, and the
+``resnet18_ap``: every stride-2 conv becomes a stride-1 conv followed by AvgPool2d(2), and the
 last map is flattened without pooling (512 * 4 * 4 for 32x32, 512 * 3 * 3 for 28x28).
 """
 
@@ -13,6 +13,7 @@ from torch import nn
 
 from condense.models._base import ClassifierNet, check_choice, check_spatial, conv_out, make_norm
 from condense.models._factory import MODELS
+from condense.models._pool import AvgPool2x2
 
 RESNET_NORMS = ("instancenorm", "batchnorm")
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -21,7 +22,7 @@ STAGE_WIDTHS = (64, 128, 256, 512)
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual connection; ``stride`` 2 halves the map.
 
-    With ``avgpool_down`` the downsampling is conv(stride 1) -> AvgPool2x2 (main and shortcut path)
+    With ``avgpool_down`` the downsampling is conv(stride 1) -> AvgPool2d(2) (main and shortcut path)
     instead of a stride-2 conv.
     """
 
@@ -35,14 +36,14 @@ class BasicBlock(nn.Module):
         self.norm1 = make_norm(norm, out_ch, hw)
         self.act = nn.ReLU()
         down = avgpool_down and stride != 1
-        self.pool = nn.AvgPool2d(2, 2) if down else nn.Identity()
+        self.pool = AvgPool2x2() if down else nn.Identity()
         hw = conv_out(hw, 2, 2) if down else hw
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
         self.norm2 = make_norm(norm, out_ch, hw)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
             proj = nn.Conv2d(in_ch, out_ch, 1, stride=conv_stride, bias=False)
-            pool = [nn.AvgPool2d(2, 2)] if down else []
+            pool = [AvgPool2x2()] if down else []
             self.shortcut = nn.Sequential(proj, *pool, make_norm(norm, out_ch, hw))
         self.out_hw = hw
 
@@ -121,5 +122,5 @@ def build_resnet18_bn(channels: int, num_classes: int, im_size: tuple[int, int])
 def build_resnet18_ap(
     channels: int, num_classes: int, im_size: tuple[int, int], *, norm: str = "instancenorm"
 ) -> ResNet:
-    """ResNet18-AP: stride-2 convs replaced by stride-1 conv + AvgPool2x2; flattened last map."""
+    """ResNet18-AP: stride-2 convs replaced by stride-1 conv + AvgPool2d(2); flattened last map."""
     return ResNet(channels, num_classes, im_size, (2, 2, 2, 2), norm, avgpool_down=True)

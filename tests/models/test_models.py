@@ -17,6 +17,7 @@ from condense.models import (
     model_kwargs,
     reinitialize,
 )
+from condense.models._pool import AvgPool2x2
 
 NAMES = MODELS.names()
 SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 64)]
@@ -203,7 +204,7 @@ def test_variant_keys_match_convnet_kwargs() -> None:
     ln = build("convnet_ln", (3, 32, 32)).features[1][1]
     assert isinstance(ln, nn.LayerNorm) and tuple(ln.normalized_shape) == (128, 16, 16)
     for block in build("convnet_nn", (3, 32, 32)).features:  # conv, act, pool
-        assert [type(m) for m in block] == [nn.Conv2d, nn.ReLU, nn.AvgPool2d]
+        assert [type(m) for m in block] == [nn.Conv2d, nn.ReLU, AvgPool2x2]
     for block in build("convnet_np", (3, 32, 32)).features:  # conv, norm, act
         assert [type(m) for m in block] == [nn.Conv2d, nn.GroupNorm, nn.ReLU]
 

@@ -19,7 +19,7 @@ def perf_modules(monkeypatch):
     import gradient_matching
 
     yield _common, gradient_matching
-    for name in ("_common", "gradient_matching"):
+    for name in ("_common", "gradient_matching", "pool"):
         sys.modules.pop(name, None)
 
 
@@ -40,3 +40,26 @@ def test_gm_script_tiny(perf_modules, tmp_path):
     for name, v in rec["variants"].items():
         assert fr["gflops"][name] == pytest.approx(fr["flops_per_step"] / v["median_s"] / 1e9)
     assert fr["fp32_ratio_bound"] == pytest.approx(fr["conv_peak_gflops"]["fp32"] / fr["gflops"]["baseline"])
+
+
+def test_stock_pooling_swaps_the_fast_pool_and_keeps_the_function(perf_modules):
+    common, _ = perf_modules
+    from condense.models import create_model
+    from condense.models._pool import AvgPool2x2
+
+    net = create_model("convnet", channels=1, num_classes=10, im_size=28, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(64, 1, 28, 28)
+    before = net(x)
+    assert common.stock_pooling(net) is net
+    assert not any(isinstance(m, AvgPool2x2) for m in net.modules())
+    assert sum(type(m) is torch.nn.AvgPool2d for m in net.modules()) == 3
+    torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_pool_script_tiny(perf_modules, tmp_path):
+    import pool
+
+    out = tmp_path / "pool.json"
+    rec = pool.main(["--batch", "4", "--channels", "64", "--sizes", "16", "--repeats", "1", "--out", str(out)])
+    assert out.exists() and rec["kind"] == "perf" and set(rec["sizes"]) == {"16x16"}
+    assert rec["ratio"] == pytest.approx(rec["baseline_s"] / rec["ours_s"])
