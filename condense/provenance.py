@@ -48,9 +48,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """PyTorch's CPU kernel level (``AVX512``, ``AVX2``, ``DEFAULT``, ...) plus the bf16 units
+    (``+AVX512_BF16``, ``+AMX``): CPUs sold under one model name ("Intel(R) Xeon(R) Processor")
+    differ here, and with them the speed of bf16 and of the matching step."""
+    cpu = torch.cpu
+    parts = [str(torch.backends.cpu.get_cpu_capability())]
+    for tag, probe in (("AVX512_BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported")):
+        f = getattr(cpu, probe, None)
+        if f is not None and f():
+            parts.append(tag)
+    return "+".join(parts)
+
+
 def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
-    """CPU model, core count, torch version, device, native bf16, the measured bf16/fp32 speed
-    ratio on a CPU (:func:`condense.runtime.bf16_speedup`; ``None`` elsewhere), and the GPU name
+    """CPU model, core count, its ISA (:func:`cpu_isa`), torch version, device, native bf16,
+    the measured bf16/fp32 speed ratio on a CPU (:func:`condense.runtime.bf16_speedup`; ``None`` elsewhere), and the GPU name
     where there is one."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     info: dict[str, Any] = {
@@ -60,6 +73,7 @@ def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": dev.type,
+        "cpu_isa": cpu_isa(),
         "native_bf16": native_bf16(dev),
         "bf16_speedup": bf16_speedup(dev),
     }

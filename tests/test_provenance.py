@@ -2,6 +2,7 @@ import math
 import time
 
 import pytest
+import torch
 
 import condense.provenance as prov
 import condense.runtime as rt
@@ -14,6 +15,8 @@ def test_machine_info_says_whether_bf16_is_native():
     assert info["native_bf16"] is native_bf16("cpu")
     assert info["device"] == "cpu" and info["cores"] >= 1
     assert info["bf16_speedup"] == bf16_speedup("cpu") > 0
+    isa = info["cpu_isa"].split("+")
+    assert isa[0] == torch.backends.cpu.get_cpu_capability() and ("AMX" in isa) == torch.cpu._is_amx_tile_supported()
 
 
 def test_bf16_probe_is_the_ratio_of_the_fastest_times_measured_once(monkeypatch):

@@ -273,9 +273,21 @@ def speed_table(perf: list[dict[str, Any]]) -> Table:
         rows.append([r["name"], Path(r.get("_path", "")).name or DASH,
                      *[f"{ratios[v]:.2f}×" if v in ratios else DASH for v in SPEED_VARIANTS],
                      fmt_num(r.get("ours_s")), fmt_num(r.get("baseline_s")), str(r.get("baseline") or DASH),
-                     str(m.get("gpu") or m.get("device") or DASH), sha or DASH])
+                     str(m.get("gpu") or m.get("device") or DASH), _cpu_text(m), sha or DASH])
     return Table(["name", "file", *[f"{v} ratio" for v in SPEED_VARIANTS], "ours fp32 (s)", "baseline (s)",
-                  "baseline", "device", "code"], rows, align="llrrrrrrlll")
+                  "baseline", "device", "CPU", "code"], rows, align="llrrrrrrllll")
+
+
+def _cpu_text(machine: dict[str, Any]) -> str:
+    """``model, N cores, ISA, bf16 probe x`` from a record's ``machine`` (what it has of it)."""
+    parts = [str(machine[k]) for k in ("cpu",) if machine.get(k)]
+    if machine.get("cores"):
+        parts.append(f"{machine['cores']} cores")
+    if machine.get("cpu_isa"):
+        parts.append(str(machine["cpu_isa"]))
+    if (r := _num(machine.get("bf16_speedup"))) is not None:
+        parts.append(f"bf16 probe {r:.2f}×")
+    return ", ".join(parts) or DASH
 
 
 def _summary_text(summary: Any) -> str:
