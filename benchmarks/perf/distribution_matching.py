@@ -7,8 +7,8 @@ reshape). The baseline, written here, is the reference repo's structure: for eac
 its real and synthetic batch with the same parameters, forward each, mean, squared distance;
 then one backward and one SGD step. Both draw the same network, real batch and DSA parameters
 from a generator in the same state, so their losses must agree (checked). Ours, the baseline and
-ours with bf16 autocast (and with ``compile=true``, fp32 and bf16) are timed alternately in one
-process; medians of the repeats. Both sides run with ``condense.runtime.keep_freed_memory`` as the
+ours with bf16 autocast (and with ``compile=true``: fp32, bf16, and fp32 without the fused first
+block, ``fuse_stem=false``) are timed alternately in one process; medians of the repeats. Both sides run with ``condense.runtime.keep_freed_memory`` as the
 CLI does (``--no-keep-heap``: neither).
 
     python benchmarks/perf/distribution_matching.py --quick --out benchmarks/results/perf/dm_quick.json
@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     }
     if args.compile:
-        for name, extra in (("ours_compile", {}), ("ours_compile_bf16", {"bf16": True})):
+        for name, extra in (
+            ("ours_compile", {}),
+            ("ours_compile_bf16", {"bf16": True}),
+            ("ours_compile_stock_stem", {"fuse_stem": False}),
+        ):
             variants[name] = DistributionMatching(
                 DistributionMatching.Config(batch_real=args.batch_real, compile=True, **extra),
                 make_ctx(data, args, 0),
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "ratio_vs_fp32_ours": med["ours"] / med[name],
                 "loss_rel_diff_vs_fp32": abs(check[name] - check["ours"]) / abs(check["ours"]),
             }
-            for name in ("ours_compile", "ours_compile_bf16")
+            for name in ("ours_compile", "ours_compile_bf16", "ours_compile_stock_stem")
         },
         "datadam": datadam,
         "machine": machine_info(),

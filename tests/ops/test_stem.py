@@ -1,0 +1,80 @@
+"""The fused first ConvNet block (condense.ops.stem) against the stock layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from condense.models import create_model
+from condense.ops.mmd import group_means
+from condense.ops.stem import fusable_stem, fused_embed_means, stem_forward, stem_prepare, stem_stencil
+
+
+def _net(channels: int, size: int, seed: int = 0, **kw) -> nn.Module:
+    net = create_model("convnet", channels, 4, (size, size), generator=torch.Generator().manual_seed(seed), **kw)
+    with torch.no_grad():  # non-trivial affine parameters and bias (a fresh norm is 1 / 0)
+        g = torch.Generator().manual_seed(seed + 1)
+        norm = net.features[0][1]
+        norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(norm.bias.shape, generator=g) * 0.3)
+        net.features[0][0].bias.copy_(torch.randn(net.features[0][0].bias.shape, generator=g))
+    return net.double().requires_grad_(False)
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "kw"),
+    [(1, 28, {}), (3, 32, {}), (3, 16, {"width": 8}), (1, 27, {"width": 8, "depth": 2}), (2, 9, {"width": 4, "depth": 1})],
+)
+def test_stem_equals_the_stock_first_block(channels: int, size: int, kw: dict) -> None:
+    """Closed-form statistics + stencil = conv -> instance norm -> ReLU -> pool (float64), also
+    for odd maps (the pool drops the last row/column) and the 28x28 padding of 3."""
+    net = _net(channels, size, **kw)
+    assert fusable_stem(net)
+    x = torch.randn(5, channels, size, size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x[0] = 0.0  # a constant image: variance 0, the norm's eps alone
+    with torch.no_grad():
+        ref = net.features[0](x)
+        got = stem_forward(net, x)
+    assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_stem_parts_and_shapes() -> None:
+    x = torch.randn(3, 2, 28, 28)
+    w, g, b = torch.randn(6, 2, 3, 3), torch.ones(6), torch.zeros(6)
+    patches, ws, t = stem_prepare(x, w, g, b, 3, 1e-5)
+    assert patches.shape == (3, 16, 16, 2, 4, 4) and ws.shape == (3, 18, 6) and t.shape == (3, 6)
+    assert stem_stencil(patches, ws, t).shape == (3, 6, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"norm": "batchnorm"}, {"norm": "layernorm"}, {"norm": "groupnorm"}, {"norm": "none"},
+     {"pooling": "maxpool"}, {"pooling": "none"}, {"activation": "sigmoid"}],
+)
+def test_other_first_blocks_are_not_fused(kw: dict) -> None:
+    net = create_model("convnet", 1, 4, (28, 28), width=8, **kw)
+    assert not fusable_stem(net)
+    with torch.no_grad(), pytest.raises(ValueError, match="not fusable"):
+        fused_embed_means(net, torch.zeros(4, 1, 28, 28), 2)
+    assert not fusable_stem(create_model("mlp", 1, 4, (28, 28)))
+    assert not fusable_stem(create_model("resnet18", 1, 4, (28, 28)))
+
+
+def test_fused_embed_means_refuses_autograd() -> None:
+    net = create_model("convnet", 1, 4, (28, 28), width=8)
+    with pytest.raises(ValueError, match="no_grad"):
+        fused_embed_means(net, torch.zeros(4, 1, 28, 28), 2)
+
+
+@pytest.mark.slow
+def test_compiled_fused_embed_means_equals_embed() -> None:
+    """The compiled path (three compiled pieces) gives the stock embedding means."""
+    net = create_model("convnet", 1, 4, (28, 28), generator=torch.Generator().manual_seed(0), width=16)
+    net.requires_grad_(False)
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = group_means(net.embed(x), 4)
+        got = fused_embed_means(net, x, 4)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
