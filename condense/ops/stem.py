@@ -19,7 +19,7 @@ costs more than the big 128 -> 128 convolution after it. Here the map is never s
 The result is the stock block's function up to float rounding (the tests compare them). It is
 used only without autograd (:func:`fused_embed_means`, DM's real forward with ``compile``);
 gradients w.r.t. images or weights go through the stock layers. Measured on a 2-core Xeon:
-the first block of a (2560, 1, 28, 28) batch in 0.07 s against 0.56 s for the compiled stock
+the first block of a (2560, 1, 28, 28) batch in 0.08 s against 0.56 s for the compiled stock
 block (``benchmarks/perf/distribution_matching.py`` times the whole DM iteration both ways).
 """
 
