@@ -266,7 +266,9 @@ class DMConfig:
             the compilation, tens of seconds on a CPU).
         fuse_stem: with ``compile``, a ConvNet's first block of the real forward as one fused
             gradient-free pass (:mod:`condense.ops.stem`; ~0.65x the compiled stock forward's
-            time on Fashion-MNIST); no effect without ``compile`` or on other networks.
+            time on Fashion-MNIST on a CPU); ``None`` = on a CPU only (where it was measured),
+            ``True`` / ``False`` = everywhere / never. No effect without ``compile`` or on other
+            networks.
     """
 
     iterations: int = 20000
@@ -279,7 +281,7 @@ class DMConfig:
     bf16: bool = False
     chunk_classes: int = 0
     compile: bool = False
-    fuse_stem: bool = True
+    fuse_stem: bool | None = None
 
 
 @register_synthesizer("dm")
@@ -395,7 +397,7 @@ class DistributionMatching(ImageOptimizerMixin, Synthesizer):
             bf16=self.cfg.bf16,
             chunk_classes=self.cfg.chunk_classes,
             compile=self.cfg.compile,
-            fuse_stem=self.cfg.fuse_stem,
+            fuse_stem=self.ctx.device.type == "cpu" if self.cfg.fuse_stem is None else self.cfg.fuse_stem,
         )
 
 

@@ -78,3 +78,19 @@ def test_compiled_fused_embed_means_equals_embed() -> None:
         ref = group_means(net.embed(x), 4)
         got = fused_embed_means(net, x, 4)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dm_fuse_stem_defaults_to_the_cpu_only(monkeypatch) -> None:
+    """``fuse_stem=None`` fuses on a CPU only; True / False are passed through."""
+    import condense.synth.distribution_matching as dmod
+    from condense.synth.base import SynthContext
+
+    seen: list[bool] = []
+    monkeypatch.setattr(dmod, "dm_loss", lambda *a, fuse_stem, **k: seen.append(fuse_stem) or {})
+    for value, device in ((None, "cpu"), (None, "meta"), (True, "meta"), (False, "cpu")):
+        synth = object.__new__(dmod.DistributionMatching)
+        synth.cfg = dmod.DMConfig(compile=True, fuse_stem=value)
+        synth.ctx = SynthContext.__new__(SynthContext)
+        object.__setattr__(synth.ctx, "device", torch.device(device))
+        synth.matching_loss(None, None, None)
+    assert seen == [True, False, True, False]
