@@ -51,7 +51,9 @@ class _AvgPool2x2(torch.autograd.Function):
         h, w = ctx.hw
         *lead, h2, w2 = grad.shape
         # widen each row first (a copy of half the output), then repeat whole rows (contiguous)
-        wide = torch.mul(grad.unsqueeze(-1).expand(*lead, h2, w2, 2), 0.25).view(*lead, h2, w)
+        # reshape, not view: an upstream gradient in channels-last memory (a channels-last conv
+        # after the pool) makes the product channels-last too
+        wide = torch.mul(grad.unsqueeze(-1).expand(*lead, h2, w2, 2), 0.25).reshape(*lead, h2, w)
         return wide.unsqueeze(-2).expand(*lead, h2, 2, w).reshape(*lead, h, w)
 
 

@@ -94,3 +94,16 @@ def test_module_is_an_avgpool2d_and_used_by_the_zoo() -> None:
     assert sum(isinstance(m, AvgPool2x2) for m in net.modules()) == 3
     ap = create_model("resnet18_ap", channels=3, num_classes=10, im_size=32, generator=torch.Generator().manual_seed(0))
     assert any(isinstance(m, AvgPool2x2) for m in ap.modules())
+
+
+@pytest.mark.usefixtures("always_fast")
+def test_channels_last_upstream_gradient() -> None:
+    """A contiguous input whose upstream gradient arrives channels-last (a channels-last layer
+    after the pool) gets the stock gradient."""
+    x = torch.randn(2, 3, 8, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 4, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = _pool.avg_pool2x2(x)
+    assert _is_fast(y)
+    (got,) = torch.autograd.grad(y, x, g)
+    (ref,) = torch.autograd.grad(F.avg_pool2d(x, 2, 2), x, g)
+    torch.testing.assert_close(got, ref)
