@@ -17,7 +17,9 @@ over classes, one SGD step on the images.
   pooling kernel gives from what the reorganisation of the step gives.
 - ours_bf16: ours under bfloat16 autocast. ours_vmap (not with ``--quick``): ``impl=vmap``.
 - ours_compile / ours_compile_bf16: ``compile=true`` (the real-batch forward + loss through
-  ``torch.compile``; compiled during the untimed same-draw check).
+  ``torch.compile``, the ConvNet's first block of the real side as the fused pass of
+  ``condense.ops.stem`` on a CPU; compiled during the untimed same-draw check).
+  ours_compile_stock_stem: the same without the fused block (``fuse_stem=false``).
 
 Both sides run with ``condense.runtime.keep_freed_memory`` (as the CLI does; ``--no-keep-heap``
 turns it off for both): without it a CPU step is dominated by page faults on big tensors, which
@@ -192,8 +194,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ours_bf16": GradientMatching(GradientMatching.Config(**base_cfg, bf16=True), make_ctx(data, args, 0)),
     }
     if not args.no_compile:
-        for tag, bf16 in (("ours_compile", False), ("ours_compile_bf16", True)):
-            variants[tag] = GradientMatching(GradientMatching.Config(**base_cfg, bf16=bf16, compile=True),
+        for tag, extra in (("ours_compile", {}), ("ours_compile_bf16", {"bf16": True}),
+                           ("ours_compile_stock_stem", {"fuse_stem": False})):
+            variants[tag] = GradientMatching(GradientMatching.Config(**base_cfg, compile=True, **extra),
                                              make_ctx(data, args, 0))
     if with_vmap:  # 2 classes per vectorised call bounds memory (~1.5 GB at batch_real 256)
         variants["ours_vmap"] = GradientMatching(

@@ -34,6 +34,9 @@ passes that dominate a CPU step: ConvNet-3 convolutions are only ~30% of its tim
 is an argument of the compiled function, so fresh networks of one architecture reuse the code;
 the first call compiles (~10-30 s on a CPU). Double backward through compiled code is not
 supported by PyTorch, hence first-order only (the real batch: ~90% of a matching step).
+With ``fuse_stem`` as well, a ConvNet's first block (conv, instance norm, ReLU, pool) runs as
+the fused pass of :mod:`condense.ops.stem` with its hand-derived first-order backward (real
+images need no input gradient), the rest of the network compiled.
 
 BatchNorm: both formulations need BatchNorm layers in eval mode (statistics frozen by
 :func:`freeze_bn_stats`); in train mode the batch statistics would couple the images of a class
@@ -187,6 +190,7 @@ def per_class_grads(
     chunk_size: int | None = None,
     micro_batch: int = 0,
     compile: bool = False,
+    fuse_stem: bool = False,
 ) -> dict[str, Tensor]:
     """Gradient of each class's mean cross-entropy w.r.t. the weights, for all classes.
 
@@ -208,6 +212,9 @@ def per_class_grads(
         compile: ``loop`` with ``create_graph=False`` only: run forward + loss through
             ``torch.compile`` (same numbers up to float rounding; see the module docstring).
             ``params`` must then be the module's own parameters.
+        fuse_stem: with ``compile``: a fusable ConvNet first block
+            (:func:`condense.ops.stem.fusable_stem`) through :func:`condense.ops.stem.fused_module_loss`;
+            other networks take the compiled stock forward.
 
     Returns:
         ``{name: (K, *param.shape)}`` in the order of ``params``.
@@ -244,7 +251,7 @@ def per_class_grads(
             raise ConfigError("per_class_grads: compile=True needs params that are the module's own "
                               "trainable parameters (functional or frozen weights are not supported); "
                               "valid: compile=False")
-        return _per_class_loop(model, x, y, p, False, micro_batch, compiled=True)
+        return _per_class_loop(model, x, y, p, False, micro_batch, compiled=True, fuse_stem=fuse_stem)
     if kind == "vmap":
         return _per_class_vmap(model, x, y, p, create_graph, chunk_size)
     return _per_class_loop(model, x, y, p, create_graph, micro_batch)
@@ -275,6 +282,7 @@ def _per_class_loop(
     create_graph: bool,
     micro_batch: int = 0,
     compiled: bool = False,
+    fuse_stem: bool = False,
 ) -> dict[str, Tensor]:
     """One forward + ``torch.autograd.grad`` per class (or per micro-batch of a class).
 
@@ -289,7 +297,9 @@ def _per_class_loop(
     names = list(leaves)
     inputs = [leaves[n] for n in names]
     if compiled:
-        fn = compiled_module_loss()
+        from condense.ops.stem import fusable_stem, fused_module_loss
+
+        fn = fused_module_loss if fuse_stem and fusable_stem(model) else compiled_module_loss()
 
         def loss_fn(_p: dict[str, Tensor], xm: Tensor, ym: Tensor) -> Tensor:
             return fn(model, xm, ym)

@@ -188,6 +188,10 @@ class GradientMatchingConfig:
         compile: ``torch.compile`` the real-batch forward + loss (first-order gradients, the
             bulk of a matching step; the synthetic side stays eager because it needs a double
             backward). The first iteration compiles (~10-30 s on a CPU).
+        fuse_stem: with ``compile``, a ConvNet's first block of the real side as one fused pass
+            with a hand-derived backward (:func:`condense.ops.stem.fused_module_loss`);
+            ``None`` = on a CPU only (where it was measured), ``True`` / ``False`` = everywhere
+            / never. No effect without ``compile`` or on other networks.
     """
 
     iterations: int = 1000
@@ -208,6 +212,7 @@ class GradientMatchingConfig:
     chunk_classes: int = 0
     micro_batch: int | None = None
     compile: bool = False
+    fuse_stem: bool | None = None
 
 
 @dataclass
@@ -327,7 +332,8 @@ class GradientMatching(ImageOptimizerMixin, Synthesizer):
         with _autocast(dev, cfg.bf16):
             g_real = per_class_grads(model, real, _class_labels(k, real.shape[1], dev),
                                      create_graph=False, params=params, impl=cfg.grad_impl,
-                                     chunk_size=chunk, micro_batch=micro, compile=cfg.compile)
+                                     chunk_size=chunk, micro_batch=micro, compile=cfg.compile,
+                                     fuse_stem=dev.type == "cpu" if cfg.fuse_stem is None else cfg.fuse_stem)
             g_syn = per_class_grads(model, syn, _class_labels(k, syn.shape[1], dev),
                                     create_graph=True, params=params, impl=cfg.grad_impl,
                                     chunk_size=chunk)

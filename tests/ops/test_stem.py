@@ -94,3 +94,27 @@ def test_dm_fuse_stem_defaults_to_the_cpu_only(monkeypatch) -> None:
         object.__setattr__(synth.ctx, "device", torch.device(device))
         synth.matching_loss(None, None, None)
     assert seen == [True, False, True, False]
+
+
+@pytest.mark.parametrize(("channels", "size", "kw"), [(1, 28, {"width": 16}), (3, 16, {"width": 8}), (2, 9, {"width": 4, "depth": 1})])
+def test_stem_backward_equals_autograd_through_the_stock_block(channels: int, size: int, kw: dict) -> None:
+    """stem_apply's weight gradients (conv weight, bias = 0, norm scale and shift) are the
+    stock block's (float64), for an arbitrary upstream gradient."""
+    from condense.ops.stem import stem_apply
+
+    net = _net(channels, size, **kw).requires_grad_(True)
+    conv, norm = net.features[0][0], net.features[0][1]
+    params = [conv.weight, conv.bias, norm.weight, norm.bias]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, channels, size, size, generator=g, dtype=torch.float64)
+    x[1] = 0.5
+    ref_out = net.features[0](x)
+    gy = torch.randn(ref_out.shape, generator=g, dtype=torch.float64)
+    ref = torch.autograd.grad(ref_out, params, gy)
+    out = stem_apply(net, x, compiled=False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    got = torch.autograd.grad(out, params, gy)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="input"):
+        stem_apply(net, x.requires_grad_(True), compiled=False)

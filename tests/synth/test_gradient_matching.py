@@ -185,9 +185,10 @@ def test_variants_run(overrides: dict[str, Any]) -> None:
     assert math.isfinite(out["loss"])
 
 
-@pytest.mark.parametrize("other", [{"grad_impl": "vmap"}, {"compile": True}])
+@pytest.mark.parametrize("other", [{"grad_impl": "vmap"}, {"compile": True}, {"compile": True, "fuse_stem": False}])
 def test_same_step_as_eager_loop(other: dict[str, Any]) -> None:
-    """vmap and compile=True (compiled real-batch forward) take the eager loop's step."""
+    """vmap and compile=True (compiled real-batch forward; on a CPU with the fused first block
+    of condense.ops.stem unless fuse_stem=False) take the eager loop's step."""
     results = []
     for kw in ({"grad_impl": "loop"}, other):
         synth = make(DSAGradientMatching, ctx_for(seed=3), **kw)
