@@ -46,9 +46,9 @@ __all__ = [
     "fusable_stem",
     "fused_embed_means",
     "fused_module_loss",
+    "resolve_fuse_stem",
     "stem_apply",
     "stem_backward",
-    "stem_forward",
     "stem_prepare",
     "stem_stencil",
 ]
@@ -158,16 +158,6 @@ def stem_stencil(patches: torch.Tensor, ws: torch.Tensor, t: torch.Tensor) -> to
     return (acc * 0.25).permute(0, 3, 1, 2)
 
 
-def stem_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The first block's output for ``x`` by :func:`stem_prepare` + :func:`stem_stencil` (eager;
-    the reference for the compiled path). Raises ``ValueError`` for a non-fusable model."""
-    layers = _stem_layers(model)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: the first block is not fusable (see fusable_stem)")
-    conv, norm = layers
-    return stem_stencil(*stem_prepare(x, conv.weight, norm.weight, norm.bias, conv.padding[0], norm.eps))
-
-
 def stem_backward(
     patches: torch.Tensor,
     ws: torch.Tensor,
@@ -224,7 +214,7 @@ class _StemFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 gamma: torch.Tensor, beta: torch.Tensor, pad: int, eps: float, compiled: bool) -> torch.Tensor:
-        prepare = _compiled("prepare_full", _prepare) if compiled else _prepare
+        prepare = _compiled("prepare", _prepare) if compiled else _prepare
         stencil = _compiled("stencil", stem_stencil) if compiled else stem_stencil
         saved = prepare(x, weight, gamma, beta, pad, eps)
         ctx.save_for_backward(*saved, weight, gamma)
@@ -243,27 +233,34 @@ class _StemFn(torch.autograd.Function):
 
 
 def stem_apply(model: nn.Module, x: torch.Tensor, *, compiled: bool = True) -> torch.Tensor:
-    """The first block's output, differentiable w.r.t. its conv and norm parameters (first
-    order, :func:`stem_backward`) but not w.r.t. ``x``: for real images only.
+    """The first block's output ``(N, C, P, Q)`` (channels-last), differentiable w.r.t. its conv
+    and norm parameters (first order, :func:`stem_backward`) but not w.r.t. ``x``: for real
+    images only. It runs in float32 at least, even under autocast (the covariance needs the
+    precision). ``compiled=False``: eager, the reference the tests compare with the stock block.
 
     Raises:
         ValueError: a non-fusable model, or ``x`` requires grad.
     """
-    layers = _stem_layers(model)
-    if layers is None:
+    if not fusable_stem(model):
         raise ValueError(f"{type(model).__name__}: the first block is not fusable (see fusable_stem)")
     if x.requires_grad:
         raise ValueError("stem_apply gives no gradient w.r.t. its input: pass images that do not require grad")
-    conv, norm = layers
+    conv, norm = _stem_layers(model)  # type: ignore[misc]
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _StemFn.apply(x, conv.weight, conv.bias, norm.weight, norm.bias, conv.padding[0], norm.eps, compiled)
 
 
-def _rest_loss(model: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _after_stem(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The blocks after the first and the flatten: ``embed`` from the first block's output."""
     for block in list(model.features)[1:]:
         h = block(h)
-    out = model.classifier(torch.flatten(h, 1))
-    return F.cross_entropy(out if out.dtype in (torch.float32, torch.float64) else out.float(), y)
+    return torch.flatten(h, 1)
+
+
+def _rest_loss(model: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    from condense.ops.grads import _upcast  # local: grads imports this module lazily too
+
+    return F.cross_entropy(_upcast(model.classifier(_after_stem(model, h))), y)
 
 
 def fused_module_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -274,9 +271,7 @@ def fused_module_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
 
 
 def _rest_embed_means(model: nn.Module, h: torch.Tensor, groups: int) -> torch.Tensor:
-    for block in list(model.features)[1:]:
-        h = block(h)
-    return group_means(torch.flatten(h, 1), groups)
+    return group_means(_after_stem(model, h), groups)
 
 
 _COMPILED: dict[str, Callable[..., object]] = {}
@@ -293,21 +288,18 @@ def _compiled(name: str, fn: Callable[..., object]) -> Callable[..., object]:
 def fused_embed_means(model: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
     """Per-class mean embeddings ``(G, D)`` of a class-major batch, without autograd.
 
-    The first block goes through :func:`stem_prepare` and :func:`stem_stencil` (each compiled
-    once per process), the other blocks through a compiled forward; the stem runs in float32
-    even under autocast (its covariance needs the precision), the later blocks under whatever
-    autocast is active. Same values as ``group_means(model.embed(x), groups)`` up to float
-    rounding.
+    The first block through :func:`stem_apply`, the other blocks through a compiled forward
+    under whatever autocast is active. Same values as ``group_means(model.embed(x), groups)``
+    up to float rounding.
 
     Raises:
         ValueError: ``model`` is not :func:`fusable_stem`, or autograd is enabled.
     """
     if torch.is_grad_enabled():
         raise ValueError("fused_embed_means is gradient-free: call it under torch.no_grad()")
-    if not fusable_stem(model):
-        raise ValueError(f"{type(model).__name__}: the first block is not fusable (see fusable_stem)")
-    conv, norm = _stem_layers(model)  # type: ignore[misc]
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        prepared = _compiled("prepare", stem_prepare)(x, conv.weight, norm.weight, norm.bias, conv.padding[0], norm.eps)
-        h = _compiled("stencil", stem_stencil)(*prepared)
-    return _compiled("rest", _rest_embed_means)(model, h, groups)  # type: ignore[return-value]
+    return _compiled("rest", _rest_embed_means)(model, stem_apply(model, x), groups)  # type: ignore[return-value]
+
+
+def resolve_fuse_stem(value: bool | None, device: torch.device) -> bool:
+    """A method's ``fuse_stem`` setting: ``None`` = on a CPU only (where it was measured)."""
+    return device.type == "cpu" if value is None else bool(value)

@@ -280,7 +280,7 @@ def speed_table(perf: list[dict[str, Any]]) -> Table:
 
 def _cpu_text(machine: dict[str, Any]) -> str:
     """``model, N cores, ISA, bf16 probe x`` from a record's ``machine`` (what it has of it)."""
-    parts = [str(machine[k]) for k in ("cpu",) if machine.get(k)]
+    parts = [str(machine["cpu"])] if machine.get("cpu") else []
     if machine.get("cores"):
         parts.append(f"{machine['cores']} cores")
     if machine.get("cpu_isa"):

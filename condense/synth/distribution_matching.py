@@ -51,7 +51,7 @@ from condense.ops.features import (
     resolve_layers,
 )
 from condense.ops.mmd import group_means, mean_sq_distance
-from condense.ops.stem import fusable_stem, fused_embed_means
+from condense.ops.stem import fusable_stem, fused_embed_means, resolve_fuse_stem
 from condense.synth._matching import (
     INITS,
     ImageOptimizerMixin,
@@ -397,7 +397,7 @@ class DistributionMatching(ImageOptimizerMixin, Synthesizer):
             bf16=self.cfg.bf16,
             chunk_classes=self.cfg.chunk_classes,
             compile=self.cfg.compile,
-            fuse_stem=self.ctx.device.type == "cpu" if self.cfg.fuse_stem is None else self.cfg.fuse_stem,
+            fuse_stem=resolve_fuse_stem(self.cfg.fuse_stem, self.ctx.device),
         )
 
 

@@ -8,7 +8,14 @@ from torch import nn
 
 from condense.models import create_model
 from condense.ops.mmd import group_means
-from condense.ops.stem import fusable_stem, fused_embed_means, stem_forward, stem_prepare, stem_stencil
+from condense.ops.stem import (
+    fusable_stem,
+    fused_embed_means,
+    resolve_fuse_stem,
+    stem_apply,
+    stem_prepare,
+    stem_stencil,
+)
 
 
 def _net(channels: int, size: int, seed: int = 0, **kw) -> nn.Module:
@@ -35,7 +42,7 @@ def test_stem_equals_the_stock_first_block(channels: int, size: int, kw: dict) -
     x[0] = 0.0  # a constant image: variance 0, the norm's eps alone
     with torch.no_grad():
         ref = net.features[0](x)
-        got = stem_forward(net, x)
+        got = stem_apply(net, x, compiled=False)
     assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
@@ -80,28 +87,16 @@ def test_compiled_fused_embed_means_equals_embed() -> None:
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_dm_fuse_stem_defaults_to_the_cpu_only(monkeypatch) -> None:
-    """``fuse_stem=None`` fuses on a CPU only; True / False are passed through."""
-    import condense.synth.distribution_matching as dmod
-    from condense.synth.base import SynthContext
-
-    seen: list[bool] = []
-    monkeypatch.setattr(dmod, "dm_loss", lambda *a, fuse_stem, **k: seen.append(fuse_stem) or {})
-    for value, device in ((None, "cpu"), (None, "meta"), (True, "meta"), (False, "cpu")):
-        synth = object.__new__(dmod.DistributionMatching)
-        synth.cfg = dmod.DMConfig(compile=True, fuse_stem=value)
-        synth.ctx = SynthContext.__new__(SynthContext)
-        object.__setattr__(synth.ctx, "device", torch.device(device))
-        synth.matching_loss(None, None, None)
-    assert seen == [True, False, True, False]
+def test_fuse_stem_none_means_cpu_only() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_fuse_stem(None, cpu) and not resolve_fuse_stem(None, gpu)
+    assert resolve_fuse_stem(True, gpu) and not resolve_fuse_stem(False, cpu)
 
 
 @pytest.mark.parametrize(("channels", "size", "kw"), [(1, 28, {"width": 16}), (3, 16, {"width": 8}), (2, 9, {"width": 4, "depth": 1})])
 def test_stem_backward_equals_autograd_through_the_stock_block(channels: int, size: int, kw: dict) -> None:
     """stem_apply's weight gradients (conv weight, bias = 0, norm scale and shift) are the
     stock block's (float64), for an arbitrary upstream gradient."""
-    from condense.ops.stem import stem_apply
-
     net = _net(channels, size, **kw).requires_grad_(True)
     conv, norm = net.features[0][0], net.features[0][1]
     params = [conv.weight, conv.bias, norm.weight, norm.bias]

@@ -102,7 +102,7 @@ def board(tmp_path: Path) -> dict:
     (res / "perf" / "gm.json").write_text(json.dumps({
         "schema": 1, "kind": "perf", "name": "gm_step", "ours_s": 1.8, "baseline_s": 2.0, "ratio": 1.125,
         "variants": {"ours": {"ratio": 1.125}, "ours_bf16": {"ratio": 1.7449}, "ours_compile": {"ratio": 1.3219}},
-        "machine": {"device": "cpu"}}))
+        "machine": {"device": "cpu", "cpu": "Xeon X", "cores": 2, "cpu_isa": "AVX512+AMX", "bf16_speedup": 1.734}}))
     (res / "perf" / "eval_bf16.json").write_text(json.dumps({
         "schema": 1, "kind": "study", "name": "eval_bf16", "question": "bf16 in evaluation training",
         "set": "random ipc10", "fp32": {"summary": {"convnet": {"mean": 75.4067, "std": 0.2223, "n": 3}}},
@@ -211,6 +211,7 @@ def test_header_protocol_machine_speed_and_skipped(board: dict) -> None:
     gm = row(speed, name="gm_step")
     assert (gm["fp32 ratio"], gm["bf16 ratio"], gm["compile ratio"], gm["compile+bf16 ratio"]) == (
         "1.12×", "1.74×", "1.32×", DASH)
+    assert gm["CPU"] == "Xeon X, 2 cores, AVX512+AMX, bf16 probe 1.73×" and dm["CPU"] == DASH
     study = row(tables_after(md, "## Studies")[0], name="eval_bf16")
     assert study["arms"] == "fp32: convnet: 75.41 ± 0.22 (3) / bf16: convnet: 75.37 ± 0.20 (3)"
     assert study["delta (points)"] == "-0.04"

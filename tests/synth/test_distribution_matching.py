@@ -124,12 +124,19 @@ def test_datadam_loss_equals_per_class_loop(power: float) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_real_pass_matches_eager() -> None:
+@pytest.mark.parametrize("fuse_stem", [True, False])
+def test_compiled_real_pass_matches_eager(fuse_stem: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import condense.ops.stem as stem
+
+    fused_calls: list[int] = []
+    real_apply = stem.stem_apply
+    monkeypatch.setattr(stem, "stem_apply", lambda *a, **k: fused_calls.append(1) or real_apply(*a, **k))
     net = models.create_model("convnet", 1, K, (28, 28), generator=gen(0), width=8).requires_grad_(False)
     real, syn = (t.detach().float() for t in _draw())
     syn.requires_grad_(True)
     eager = dm_loss(net, real, syn)["loss"]
-    compiled = dm_loss(net, real, syn, compile=True, chunk_classes=3)["loss"]
+    compiled = dm_loss(net, real, syn, compile=True, chunk_classes=3, fuse_stem=fuse_stem)["loss"]
+    assert bool(fused_calls) == fuse_stem
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_grad(compiled, syn), _grad(dm_loss(net, real, syn)["loss"], syn))
 

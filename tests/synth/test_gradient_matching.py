@@ -186,15 +186,22 @@ def test_variants_run(overrides: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("other", [{"grad_impl": "vmap"}, {"compile": True}, {"compile": True, "fuse_stem": False}])
-def test_same_step_as_eager_loop(other: dict[str, Any]) -> None:
+def test_same_step_as_eager_loop(other: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """vmap and compile=True (compiled real-batch forward; on a CPU with the fused first block
     of condense.ops.stem unless fuse_stem=False) take the eager loop's step."""
+    import condense.ops.stem as stem
+
+    fused_calls: list[int] = []
+    real_apply = stem.stem_apply
+    monkeypatch.setattr(stem, "stem_apply", lambda *a, **k: fused_calls.append(1) or real_apply(*a, **k))
     results = []
     for kw in ({"grad_impl": "loop"}, other):
         synth = make(DSAGradientMatching, ctx_for(seed=3), **kw)
         syn = synth.init_set()
         out = synth.step(syn, 0)
         results.append((out["loss"], syn.images.detach().clone()))
+    # the fused block ran exactly where it should (compile on a CPU, fuse_stem not False)
+    assert bool(fused_calls) == (other.get("compile", False) and other.get("fuse_stem") is not False)
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-4)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
 
