@@ -151,6 +151,22 @@ def flop_rates(flops: int, medians: dict[str, float], peak: dict[str, float]) ->
     }
 
 
+def time_split(fn: Callable[[], object]) -> dict[str, float]:
+    """One profiled call of ``fn``: its time (the profiler's self time summed over every op on the
+    calling thread) and the share of it inside convolution kernels (forward, backward, transposed,
+    double-backward terms; ops named ``aten::*conv*``). A step that spends most of its time in
+    convolutions running at about :func:`conv_peak_gflops` is bound by them: the ratio a variant
+    could reach if everything else took no time is ``baseline_s / (its_s * conv_share)``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::") and "conv" in e.key)
+    return {"profiled_s": total / 1e6, "conv_s": conv / 1e6, "conv_share": conv / total if total else 0.0}
+
+
 def command_line() -> str:
     """This invocation as a shell line, with the thread-count environment that shaped it."""
     env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ]

@@ -33,6 +33,9 @@ must agree (checked). Variants are timed alternately in one process; medians of 
 Also reported (``flop_rate``): the step's FLOPs (PyTorch's counter), every variant's GFLOP/s and
 this CPU's throughput on the step's dominant convolution, i.e. how compute-bound the baseline
 already is and so the best ratio any reorganisation of the same arithmetic could reach here.
+Also reported (``time_split``): one profiled step of the baseline and of the fastest variant,
+the share of each inside convolution kernels, and the ratio the fastest one would reach if
+everything but its convolutions took no time (``conv_only_ratio_bound``).
 Also reported: one inner-loop epoch at this ipc (network SGD on the synthetic set, DSA on), the
 other cost of an outer iteration at ipc >= 10.
 
@@ -60,6 +63,7 @@ from _common import (  # noqa: I001  (sibling module of this script)
     flop_rates,
     load_data,
     stock_pooling,
+    time_split,
     timed,
     variant_table,
 )
@@ -149,6 +153,11 @@ def ours_step(synth: GradientMatching, syn: SyntheticSet) -> float:
 
 
 
+def best_variant(medians: dict[str, float]) -> str:
+    """The fastest variant of ours (fp32 or bf16, compiled or not) by median step time."""
+    return min((n for n in medians if n not in ("baseline", "loop_fastpool")), key=medians.__getitem__)
+
+
 def inner_epoch_time(data: RealData, args: argparse.Namespace, repeats: int) -> float:
     """Median seconds of one inner epoch (DSA on) on the ipc-sized synthetic set."""
     synth = DSAGradientMatching(
@@ -224,6 +233,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           + ", ".join(f"{n} {r:.0f}" for n, r in rates["gflops"].items())
           + f"; conv peak fp32 {rates['conv_peak_gflops']['fp32']:.0f}, bf16 {rates['conv_peak_gflops']['bf16']:.0f}"
           + f" -> bound on the ratio: fp32 {rates['fp32_ratio_bound']:.2f}x, bf16 {rates['bf16_ratio_bound']:.2f}x")
+    # -- where the time goes: the share inside convolution kernels (one profiled step each) -----
+    split = {name: time_split(runs[name]) for name in ("baseline", best_variant(med))}
+    best = best_variant(med)
+    conv_bound = med["baseline"] / (med[best] * split[best]["conv_share"]) if split[best]["conv_share"] else None
+    print("convolution share of a profiled step: " + ", ".join(
+        f"{n} {v['conv_share']:.0%} ({v['conv_s']:.2f} of {v['profiled_s']:.2f} s)" for n, v in split.items())
+        + (f" -> {best} with everything but its convolutions free: {conv_bound:.2f}x" if conv_bound else ""))
     inner = inner_epoch_time(data, args, repeats)
     print(f"one inner epoch (ipc {args.ipc}, DSA): {inner:.3f} s")
 
@@ -248,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "baseline_times_s": times["baseline"],
         "inner_epoch_s": inner,
         "flop_rate": rates,
+        "time_split": {"steps": split, "fastest_variant": best, "conv_only_ratio_bound": conv_bound},
         "setting": {"dataset": data_name, "model": "convnet", "width": args.width, "ipc": args.ipc,
                     "batch_real": batch_real, "classes": data.spec.num_classes, "repeats": repeats,
                     "dis_metric": "ours", "heap_kept": heap_kept, "quick": args.quick},

@@ -40,6 +40,23 @@ def test_gm_script_tiny(perf_modules, tmp_path):
     for name, v in rec["variants"].items():
         assert fr["gflops"][name] == pytest.approx(fr["flops_per_step"] / v["median_s"] / 1e9)
     assert fr["fp32_ratio_bound"] == pytest.approx(fr["conv_peak_gflops"]["fp32"] / fr["gflops"]["baseline"])
+    ts = rec["time_split"]
+    best = ts["fastest_variant"]
+    assert best in rec["variants"] and best != "loop_fastpool"
+    assert rec["variants"][best]["median_s"] == min(v["median_s"] for n, v in rec["variants"].items() if n != "loop_fastpool")
+    for split in ts["steps"].values():
+        assert 0 < split["conv_s"] < split["profiled_s"] and 0 < split["conv_share"] < 1
+    assert ts["conv_only_ratio_bound"] == pytest.approx(
+        rec["baseline_s"] / (rec["variants"][best]["median_s"] * ts["steps"][best]["conv_share"]))
+
+
+def test_time_split_counts_convolutions(perf_modules):
+    common, _ = perf_modules
+    x, w = torch.randn(8, 16, 12, 12), torch.randn(16, 16, 3, 3)
+    only_conv = common.time_split(lambda: torch.nn.functional.conv2d(x, w, padding=1))
+    assert only_conv["conv_share"] > 0.5
+    no_conv = common.time_split(lambda: (x * 2).sum())
+    assert no_conv["conv_s"] == 0 and no_conv["conv_share"] == 0
 
 
 def test_stock_pooling_swaps_the_fast_pool_and_keeps_the_function(perf_modules):
