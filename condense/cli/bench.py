@@ -2,7 +2,8 @@
 
     condense-bench suite=fmnist_cpu [dry_run=true] [results_dir=benchmarks/results]
                    [launcher=basic|joblib|slurm] [group=auto|true|false] [resume=true]
-                   [runs_dir=runs/bench] [suites_dir=benchmarks/suites] [any condense override ...]
+                   [runs_dir=runs/bench] [suites_dir=benchmarks/suites] [only=PATTERN | only=[P1,P2]]
+                   [any condense override ...]
 
 A suite (``benchmarks/suites/<name>.yaml``) names a grid: ``dataset`` (or ``datasets``), ``budget``,
 ``seeds`` and ``entries`` of ``{method, ipc: [...], flip: [false, true] (optional), overrides: [...]
@@ -16,7 +17,10 @@ launcher; ``launcher=joblib`` / ``launcher=slurm`` pass ``hydra/launcher=local_p
 ``hydra/launcher=slurm`` through and group the ipcs of an entry into one sweep. Run directories are
 ``<runs_dir>/<suite>/<dataset>/<method>[+flip]/ipc<k>-<budget>-seed<s>``; with ``resume=true`` a
 crashed run continues from its checkpoint there. Other ``key=value`` arguments are passed to every
-``condense`` call (e.g. ``device=cuda``). Exit status: 0 done, 1 some run failed, 2 bad arguments.
+``condense`` call (e.g. ``device=cuda``). ``only``: keep the grid points whose result file, relative
+to ``results_dir``, matches one of these shell-style patterns (``fnmatch``; the dry run lists the
+paths), e.g. ``only='fashion_mnist/dsa*/ipc1-*'``; a pattern that matches no grid point is an error.
+Exit status: 0 done, 1 some run failed, 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "launcher": "basic",
     "group": "auto",
     "resume": True,
+    "only": None,
 }
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=local_parallel"], "slurm": ["hydra/launcher=slurm"]}
 RESERVED = ("method", "dataset", "ipc", "budget", "seed", "result_json", "method.flip", "hydra.sweep.dir",
@@ -234,6 +239,22 @@ def expand(suite: Suite) -> list[Run]:
     return runs
 
 
+def select(runs: list[Run], patterns: list[str], results_dir: Path) -> list[Run]:
+    """The runs whose result path relative to ``results_dir`` matches one of ``patterns``.
+
+    Raises:
+        ConfigError: a pattern that matches none of the suite's grid points.
+    """
+    from fnmatch import fnmatchcase
+
+    rel = {run: run.result_path(results_dir).relative_to(results_dir).as_posix() for run in runs}
+    for pat in patterns:
+        if not any(fnmatchcase(path, pat) for path in rel.values()):
+            raise ConfigError(f"only={pat!r} matches no grid point of the suite; its result files: "
+                              f"{', '.join(sorted(rel.values()))}")
+    return [run for run in runs if any(fnmatchcase(rel[run], pat) for pat in patterns)]
+
+
 def plan(runs: list[Run], results_dir: Path) -> tuple[list[tuple[Run, str]], list[Run]]:
     """Split runs into (to run, with the reason) and (skipped: a valid result file exists)."""
     from condense.report.records import is_valid_result
@@ -332,12 +353,18 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     from omegaconf import OmegaConf
 
     mine, passthrough = [], []
+    only: list[str] | None = None
     for a in argv:
-        key, eq, _ = a.partition("=")
+        key, eq, value = a.partition("=")
         if not eq:
             raise ConfigError(f"argument {a!r} is not key=value; bench keys: {', '.join(DEFAULTS)}")
         bare = key.lstrip("+~")
-        if key in DEFAULTS:
+        if key == "only":  # patterns are not YAML ('*' would start an alias): split by hand
+            inner = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+            only = [p.strip().strip("'\"") for p in inner.split(",")] if inner.strip() else []
+            if not only or not all(only):
+                raise ConfigError(f"only must be a pattern or a non-empty list of patterns, got {value!r}")
+        elif key in DEFAULTS:
             mine.append(a)
         elif bare in RESERVED or bare.startswith("hydra/launcher"):
             raise ConfigError(f"{bare!r} is set by the suite (or by launcher=...); bench keys: "
@@ -355,6 +382,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     if g not in ("auto", "true", "false"):
         raise ConfigError(f"group must be auto, true or false, got {args['group']!r}")
     args["group"] = (args["launcher"] != "basic") if g == "auto" else g == "true"
+    args["only"] = only
     return args, passthrough
 
 
@@ -380,6 +408,8 @@ def run(argv: list[str]) -> int:
         args, passthrough = parse_args(argv)
         suite = load_suite(args["suite"], args["suites_dir"])
         runs = expand(suite)
+        if args["only"] is not None:
+            runs = select(runs, args["only"], Path(args["results_dir"]).resolve())
         if passthrough:
             from condense.cli.main import precheck
 

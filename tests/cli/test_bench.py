@@ -203,3 +203,22 @@ def test_tagged_ablation_entry(tmp_path: Path, fake: FakeCondense) -> None:
     rec = json.loads((res / "fashion_mnist" / "dm" / "ipc1-cpu-fp32-seed0.json").read_text())
     assert (rec["kind"], rec["tag"]) == ("ablation", "fp32")
     assert bench.run(args) == 0 and len(fake.calls) == 2  # both done: resumable as any entry
+
+
+def test_only_selects_grid_points(tmp_path: Path, fake: FakeCondense, capsys) -> None:
+    res = tmp_path / "res"
+    base = ["suite=smoke", f"results_dir={res}", f"runs_dir={tmp_path / 'runs'}"]
+    assert bench.run([*base, "only=fashion_mnist/dm/*"]) == 0
+    assert len(fake.calls) == 1 and "method=dm" in fake.calls[0]
+    assert "plan: 1 to run" in capsys.readouterr().out
+    assert not (res / "fashion_mnist" / "random").exists()
+    assert bench.run([*base, "only=[fashion_mnist/dm/*,*/random/ipc1-*]", "dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 1 to run (1 missing, 0 invalid), 1 skipped" in out and re.search(r"run +fashion_mnist +random", out)
+    assert bench.run([*base, "only=*/dsa/*"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "only='*/dsa/*' matches no grid point" in err
+    assert "fashion_mnist/dm/ipc1-smoke-seed0.json" in err
+    assert bench.run([*base, "only=[]"]) == 2
+    assert "only must be a pattern" in capsys.readouterr().err
+    assert len(fake.calls) == 1
