@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           + f"; conv peak fp32 {rates['conv_peak_gflops']['fp32']:.0f}, bf16 {rates['conv_peak_gflops']['bf16']:.0f}"
           + f" -> bound on the ratio: fp32 {rates['fp32_ratio_bound']:.2f}x, bf16 {rates['bf16_ratio_bound']:.2f}x")
     # -- where the time goes: the share inside convolution kernels (one profiled step each) -----
-    split = {name: time_split(runs[name]) for name in ("baseline", best_variant(med))}
     best = best_variant(med)
+    split = {name: time_split(runs[name]) for name in ("baseline", best)}
     conv_bound = med["baseline"] / (med[best] * split[best]["conv_share"]) if split[best]["conv_share"] else None
     print("convolution share of a profiled step: " + ", ".join(
         f"{n} {v['conv_share']:.0%} ({v['conv_s']:.2f} of {v['profiled_s']:.2f} s)" for n, v in split.items())

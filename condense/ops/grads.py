@@ -190,7 +190,7 @@ def per_class_grads(
     chunk_size: int | None = None,
     micro_batch: int = 0,
     compile: bool = False,
-    fuse_stem: bool = False,
+    fuse_stem: bool | None = None,
 ) -> dict[str, Tensor]:
     """Gradient of each class's mean cross-entropy w.r.t. the weights, for all classes.
 
@@ -214,7 +214,8 @@ def per_class_grads(
             ``params`` must then be the module's own parameters.
         fuse_stem: with ``compile``: a fusable ConvNet first block
             (:func:`condense.ops.stem.fusable_stem`) through :func:`condense.ops.stem.fused_module_loss`;
-            other networks take the compiled stock forward.
+            other networks take the compiled stock forward. ``None`` = on a CPU only
+            (:func:`condense.ops.stem.resolve_fuse_stem`).
 
     Returns:
         ``{name: (K, *param.shape)}`` in the order of ``params``.
@@ -251,7 +252,10 @@ def per_class_grads(
             raise ConfigError("per_class_grads: compile=True needs params that are the module's own "
                               "trainable parameters (functional or frozen weights are not supported); "
                               "valid: compile=False")
-        return _per_class_loop(model, x, y, p, False, micro_batch, compiled=True, fuse_stem=fuse_stem)
+        from condense.ops.stem import resolve_fuse_stem
+
+        return _per_class_loop(model, x, y, p, False, micro_batch, compiled=True,
+                               fuse_stem=resolve_fuse_stem(fuse_stem, x.device))
     if kind == "vmap":
         return _per_class_vmap(model, x, y, p, create_graph, chunk_size)
     return _per_class_loop(model, x, y, p, create_graph, micro_batch)

@@ -163,7 +163,7 @@ def dm_loss(
     bf16: bool = False,
     chunk_classes: int = 0,
     compile: bool = False,
-    fuse_stem: bool = True,
+    fuse_stem: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """DM loss ``sum_k || mean embed(real_k) - mean embed(syn_k) ||^2`` (batched over classes).
 
@@ -178,7 +178,8 @@ def dm_loss(
         fuse_stem: with ``compile``, a ConvNet's first block (conv, instance norm, ReLU, pool)
             of the real forward in one fused pass (:func:`condense.ops.stem.fused_embed_means`,
             its statistics in closed form; same result up to float rounding); other networks
-            take the compiled stock forward.
+            take the compiled stock forward. ``None`` = on a CPU only
+            (:func:`condense.ops.stem.resolve_fuse_stem`).
 
     Returns:
         ``{"loss": 0-d tensor}``.
@@ -186,7 +187,8 @@ def dm_loss(
     k = real.shape[0]
     with autocast_ctx(real.device, bf16):
         if compile:
-            fn = fused_embed_means if fuse_stem and fusable_stem(model) else compiled_embed_means()
+            fused = resolve_fuse_stem(fuse_stem, real.device) and fusable_stem(model)
+            fn = fused_embed_means if fused else compiled_embed_means()
             step = k if chunk_classes <= 0 else chunk_classes
             with torch.no_grad():
                 r_emb = torch.cat([fn(model, r.flatten(0, 1), r.shape[0]) for r in real.split(step)])
@@ -397,7 +399,7 @@ class DistributionMatching(ImageOptimizerMixin, Synthesizer):
             bf16=self.cfg.bf16,
             chunk_classes=self.cfg.chunk_classes,
             compile=self.cfg.compile,
-            fuse_stem=resolve_fuse_stem(self.cfg.fuse_stem, self.ctx.device),
+            fuse_stem=self.cfg.fuse_stem,
         )
 
 

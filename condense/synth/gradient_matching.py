@@ -47,7 +47,6 @@ from condense.errors import ConfigError, NonFiniteError
 from condense.models import has_batchnorm
 from condense.ops.distances import METRICS, gradient_distance
 from condense.ops.grads import IMPLS, _upcast, freeze_bn_stats, matching_params, per_class_grads
-from condense.ops.stem import resolve_fuse_stem
 from condense.synth._matching import (
     INITS,
     ImageOptimizerMixin,
@@ -334,7 +333,7 @@ class GradientMatching(ImageOptimizerMixin, Synthesizer):
             g_real = per_class_grads(model, real, _class_labels(k, real.shape[1], dev),
                                      create_graph=False, params=params, impl=cfg.grad_impl,
                                      chunk_size=chunk, micro_batch=micro, compile=cfg.compile,
-                                     fuse_stem=resolve_fuse_stem(cfg.fuse_stem, dev))
+                                     fuse_stem=cfg.fuse_stem)
             g_syn = per_class_grads(model, syn, _class_labels(k, syn.shape[1], dev),
                                     create_graph=True, params=params, impl=cfg.grad_impl,
                                     chunk_size=chunk)
