@@ -156,17 +156,37 @@ def protocol_text(recs: list[dict[str, Any]]) -> str:
             f"{_join(get('test_images'))} test images, mean ± std over the models (pooled over seeds).")
 
 
-def machine_lines(recs: list[dict[str, Any]]) -> list[str]:
-    """Machine and code-version summary lines with record counts."""
+def machine_desc(machine: dict[str, Any]) -> str:
+    """One machine as text: model, cores, ISA (where recorded), device, torch version."""
+    m = machine or {}
+    return ", ".join(str(x) for x in (
+        m.get("gpu") or m.get("cpu"), f"{m.get('cores')} cores" if m.get("cores") else None,
+        m.get("cpu_isa"), f"device {m.get('device')}" if m.get("device") else None,
+        f"torch {m.get('torch')}" if m.get("torch") else None) if x) or "unknown"
+
+
+def machine_ids(recs: list[dict[str, Any]]) -> dict[str, str]:
+    """``machine_desc -> "M1", "M2", ...``, most records first (ties: by description)."""
+    counts = Counter(machine_desc(r.get("machine") or {}) for r in recs)
+    ranked = sorted(counts, key=lambda d: (-counts[d], d))
+    return {d: f"M{i}" for i, d in enumerate(ranked, 1)}
+
+
+def record_machines(recs: list[dict[str, Any]], ids: dict[str, str]) -> str:
+    """The ids of the machines that produced ``recs`` ("M1", "M1, M2"), or a dash."""
+    found = sorted({ids.get(machine_desc(r.get("machine") or {}), DASH) for r in recs})
+    return ", ".join(found) or DASH
+
+
+def machine_lines(recs: list[dict[str, Any]], ids: dict[str, str] | None = None) -> list[str]:
+    """One line per machine (its id, description, record count, GEMM probe range), then the code versions."""
+    ids = ids if ids is not None else machine_ids(recs)
     machines: Counter[str] = Counter()
     probes: dict[str, list[float]] = {}
     codes: Counter[str] = Counter()
     for r in recs:
         m = r.get("machine") or {}
-        desc = ", ".join(str(x) for x in (
-            m.get("gpu") or m.get("cpu"), f"{m.get('cores')} cores" if m.get("cores") else None,
-            f"device {m.get('device')}" if m.get("device") else None,
-            f"torch {m.get('torch')}" if m.get("torch") else None) if x) or "unknown"
+        desc = machine_desc(m)
         machines[desc] += 1
         speed = m.get("gemm_gflops") if isinstance(m.get("gemm_gflops"), dict) else {}
         if (start := _num(speed.get("start"))) is not None:
@@ -174,6 +194,7 @@ def machine_lines(recs: list[dict[str, Any]]) -> list[str]:
         c = r.get("code_version") or {}
         sha = c.get("git_sha")
         codes[(f"`{sha[:10]}`" if sha else "unknown") + (" (uncommitted changes)" if c.get("dirty") else "")] += 1
+
     def probe_text(desc: str) -> str:
         vals = probes.get(desc)
         if not vals:
@@ -181,8 +202,12 @@ def machine_lines(recs: list[dict[str, Any]]) -> list[str]:
         return (f" Speed probe (fp32 GEMM, `machine.gemm_gflops`) at the start of {len(vals)} of "
                 f"them: {min(vals):.0f}–{max(vals):.0f} GFLOP/s.")
 
-    return ([f"Machine: {k} — {v} record(s).{probe_text(k)}" for k, v in machines.most_common()]
-            + [f"Code version: {k} — {v} record(s)." for k, v in codes.most_common()])
+    lines = [f"{ids.get(k, DASH)}: {k} — {v} record(s).{probe_text(k)}"
+             for k, v in sorted(machines.items(), key=lambda kv: ids.get(kv[0], kv[0]))]
+    if codes:
+        lines.append("Code versions (record count): "
+                     + ", ".join(f"{k} ({v})" for k, v in codes.most_common()) + ".")
+    return lines
 
 
 def accuracy_table(sec: Section) -> Table:
@@ -228,14 +253,18 @@ def score_rows(sec: Section) -> list[dict[str, Any]]:
     return out
 
 
-def score_table(sec: Section) -> Table:
-    header = ["method", "ipc", "accuracy", "HLR ↓", "IOR ↑", "LRS ↑", "distill (min)", "iterations", "seeds"]
+def score_table(sec: Section, ids: dict[str, str] | None = None) -> Table:
+    """Scores per (method, ipc), with distillation minutes, iterations, seeds and the machine(s) (ids)."""
+    header = ["method", "ipc", "accuracy", "HLR ↓", "IOR ↑", "LRS ↑", "distill (min)", "iterations", "seeds",
+              "machine"]
     rows = []
     for s in score_rows(sec):
         c: Cell = s["cell"]
+        mids = ids if ids is not None else machine_ids(c.records)
         rows.append([s["label"], str(s["ipc"]), fmt_acc(c), fmt_num(s["hlr"]), fmt_num(s["ior"], signed=True),
                      fmt_num(s["lrs"]), fmt_num(s["minutes"], 1),
-                     DASH if c.iterations is None else str(c.iterations), ", ".join(map(str, c.seeds))])
+                     DASH if c.iterations is None else str(c.iterations), ", ".join(map(str, c.seeds)),
+                     record_machines(c.records, mids)])
     return Table(header, rows)
 
 
@@ -263,7 +292,9 @@ def variant_ratios(rec: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def speed_table(perf: list[dict[str, Any]]) -> Table:
+def speed_table(perf: list[dict[str, Any]], ids: dict[str, str] | None = None) -> Table:
+    """One row per perf record: each variant's ratio, the times, the baseline, the machine (id and CPU)."""
+    ids = ids if ids is not None else machine_ids(perf)
     rows = []
     for r in sorted(perf, key=lambda r: (r["name"], r.get("_path", ""))):
         ratios = variant_ratios(r)
@@ -273,9 +304,10 @@ def speed_table(perf: list[dict[str, Any]]) -> Table:
         rows.append([r["name"], Path(r.get("_path", "")).name or DASH,
                      *[f"{ratios[v]:.2f}×" if v in ratios else DASH for v in SPEED_VARIANTS],
                      fmt_num(r.get("ours_s")), fmt_num(r.get("baseline_s")), str(r.get("baseline") or DASH),
-                     str(m.get("gpu") or m.get("device") or DASH), _cpu_text(m), sha or DASH])
+                     str(m.get("gpu") or m.get("device") or DASH), _cpu_text(m), record_machines([r], ids),
+                     sha or DASH])
     return Table(["name", "file", *[f"{v} ratio" for v in SPEED_VARIANTS], "ours fp32 (s)", "baseline (s)",
-                  "baseline", "device", "CPU", "code"], rows, align="llrrrrrrllll")
+                  "baseline", "device", "CPU", "machine", "code"], rows, align="llrrrrrrlllll")
 
 
 def _cpu_text(machine: dict[str, Any]) -> str:
@@ -310,7 +342,7 @@ def study_table(recs: list[dict[str, Any]]) -> Table:
     return Table(["name", "question", "set", "arms", "delta (points)", "note"], rows, align="llllrl")
 
 
-def ablation_table(recs: list[dict[str, Any]]) -> Table:
+def ablation_table(recs: list[dict[str, Any]], ids: dict[str, str] | None = None) -> Table:
     """Tagged variant runs beside the budget's own run of the same cell (never leaderboard cells)."""
     rows = []
     for r in sorted(recs, key=lambda r: (r["dataset"], r["budget"], r["method"], r.get("flip", False),
@@ -320,12 +352,12 @@ def ablation_table(recs: list[dict[str, Any]]) -> Table:
         overrides = [o for o in (r.get("command") or "").split() if o.startswith("method.")]
         rows.append([r["dataset"], r["budget"], method_label(r["method"], bool(r.get("flip"))), str(r["ipc"]),
                      r["tag"], " ".join(overrides) or DASH, acc, fmt_num(dist.get("wall_s"), 0),
-                     str(dist.get("iterations", DASH))])
-    return Table(["dataset", "budget", "method", "ipc", "tag", "changed", "accuracy", "distill s", "iterations"],
-                 rows, align="lllrllrrr")
+                     str(dist.get("iterations", DASH)), record_machines([r], ids or machine_ids(recs))])
+    return Table(["dataset", "budget", "method", "ipc", "tag", "changed", "accuracy", "distill s", "iterations",
+                  "machine"], rows, align="lllrllrrrl")
 
 
-def _section_blocks(sec: Section, figures_dir: Path) -> list[object]:
+def _section_blocks(sec: Section, figures_dir: Path, ids: dict[str, str] | None = None) -> list[object]:
     recs = [r for c in sec.cells.values() for r in c.records]
     arch = _join(_values(list(sec.cells.values()), lambda c: c.arch))
     blocks: list[object] = [
@@ -345,11 +377,13 @@ def _section_blocks(sec: Section, figures_dir: Path) -> list[object]:
                                 + f" Produce one with `python benchmarks/whole_data.py --tag {sec.budget} ...`."))
     blocks += [Heading(3, "Accuracy: ours vs published"), accuracy_table(sec),
                Paragraph(f"Published columns: {PUBLISHED_SOURCE}. {DASH}: no result."),
-               Heading(3, "DD-Ranking scores and distillation time"), score_table(sec),
+               Heading(3, "DD-Ranking scores and distillation time"), score_table(sec, ids),
                Paragraph(f"HLR: hard-label recovery, IOR: improvement over the random subset of the same ipc "
                          f"and budget, LRS: label-robust score (w = {LRS_WEIGHT}); {SCORE_FORMULA}. "
                          f"distill (min): distillation wall-clock minutes from the records' `distill.wall_s` "
-                         f"(mean over seeds) on the machine listed above; evaluation time excluded.")]
+                         f"(mean over seeds) on the machine(s) of the last column (ids: see Machines and code "
+                         f"above; a wall-clock budget reaches more iterations on a faster machine); evaluation "
+                         f"time excluded.")]
     tag = f"{_safe(sec.dataset)}-{_safe(sec.budget)}"
     cells = list(sec.cells.values())
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -396,18 +430,20 @@ def build_document(results: Results, figures_dir: Path, command: str) -> Documen
     doc.add(Paragraph("Accuracy cells read `mean ± std (n)`: n = number of fresh evaluation models (pooled "
                       "over seeds). Results of different budgets are never mixed in one table; a score needs "
                       f"its references (whole data, random subset) under the same budget, else it shows {DASH}."))
+    ids = machine_ids(results.accuracy + results.ablation + results.perf)
     doc.add(Heading(2, "Machines and code"),
-            *[Paragraph(t) for t in machine_lines(results.accuracy + results.perf) or ["No records."]])
+            *[Paragraph(t) for t in machine_lines(results.accuracy + results.ablation + results.perf, ids)
+              or ["No records."]])
     for sec in secs:
-        doc.add(*_section_blocks(sec, figures_dir))
+        doc.add(*_section_blocks(sec, figures_dir, ids))
     if results.ablation:
         doc.add(Heading(2, "Ablations"),
                 Paragraph("Tagged variant runs (e.g. fp32 instead of the budget's bf16): the setting changed, "
                           "and the result to compare with the budget's own cell above."),
-                ablation_table(results.ablation))
+                ablation_table(results.ablation, ids))
     doc.add(Heading(2, "Speed"))
     if results.perf:
-        doc.add(speed_table(results.perf),
+        doc.add(speed_table(results.perf, ids),
                 Paragraph("ratio: baseline_s / ours_s as recorded by each perf benchmark (above 1 means ours is "
                           "faster), one column per measured variant of ours (bf16 autocast, torch.compile, both) "
                           "against the same fp32 baseline; ours and the baseline timed alternately in one "

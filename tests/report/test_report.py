@@ -202,7 +202,7 @@ def test_header_protocol_machine_speed_and_skipped(board: dict) -> None:
     assert "condense-report results_dir=" in md
     assert "Budget `cpu`: Each set trains 3 fresh model(s) of convnet" in md
     assert "1000 at ipc 1" in md and "300 at ipc 50" in md and "DSA augmentation during training" in md
-    assert "Fake CPU, 2 cores" in md and "`0123456789`" in md
+    assert "Fake CPU, 2 cores" in md and "Code versions (record count): `0123456789` (" in md
     assert "`machine.gemm_gflops`) at the start of 2 of them: 95–140 GFLOP/s." in md
     speed = tables_after(md, "## Speed")[0]
     dm = row(speed, name="dm_iteration_quick")
@@ -295,3 +295,29 @@ def test_whole_reference_declared_for_a_budget(tmp_path):
     md = tmp_path / "LEADERBOARD.md"
     write_report(res, md)
     assert "schedule `e5`, declared by its record as the reference for budget `cpu`" in md.read_text()
+
+
+def test_machine_ids_per_cell(tmp_path: Path) -> None:
+    """Records of two machines with the same CPU name but another ISA get distinct ids, and each
+    score / ablation row names the machine its wall-clock figures come from."""
+    res = tmp_path / "results"
+    put(res, record("random", 1, RANDOM1, wall_s=0.0, iterations=0))
+    put(res, record("random", 10, RANDOM10, wall_s=0.0, iterations=0))
+    put(res, record("dm", 1, DM1, wall_s=900.0, iterations=1391))
+    fast = record("dm", 10, DM10, wall_s=900.0, iterations=4000)
+    fast["machine"]["cpu_isa"] = "AVX512+AVX512_BF16"
+    put(res, fast)
+    abl = record("dm", 10, [70.0, 70.5, 71.0], wall_s=900.0, iterations=2500)
+    abl["machine"]["cpu_isa"] = "AVX512+AVX512_BF16"
+    abl.update(kind="ablation", tag="fp32", command="condense method=dm ipc=10 method.bf16=false tag=fp32")
+    result_path(res, "fashion_mnist", "dm", False, 10, "cpu", 0, tag="fp32").write_text(json.dumps(abl))
+    out = tmp_path / "LEADERBOARD.md"
+    write_report(res, out)
+    md = out.read_text()
+    # three records on the plain machine (random 1 and 10, dm 1) -> M1; two on the AVX-512 BF16 one -> M2
+    assert "M1: Fake CPU, 2 cores, device cpu, torch 2.14.1 — 3 record(s)." in md
+    assert "M2: Fake CPU, 2 cores, AVX512+AVX512_BF16, device cpu, torch 2.14.1 — 2 record(s)." in md
+    _, scores = tables_after(md, CPU)
+    assert row(scores, method="dm", ipc="1")["machine"] == "M1"
+    assert row(scores, method="dm", ipc="10")["machine"] == "M2"
+    assert row(tables_after(md, "## Ablations")[0], tag="fp32")["machine"] == "M2"
