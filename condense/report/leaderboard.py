@@ -178,9 +178,9 @@ def record_machines(recs: list[dict[str, Any]], ids: dict[str, str]) -> str:
     return ", ".join(found) or DASH
 
 
-def machine_lines(recs: list[dict[str, Any]], ids: dict[str, str] | None = None) -> list[str]:
-    """One line per machine (its id, description, record count, GEMM probe range), then the code versions."""
-    ids = ids if ids is not None else machine_ids(recs)
+def machine_lines(recs: list[dict[str, Any]], ids: dict[str, str]) -> list[str]:
+    """One line per machine in id order (id, description, record count, GEMM probe range), then the
+    code versions; ``ids`` from :func:`machine_ids` over (at least) ``recs``."""
     machines: Counter[str] = Counter()
     probes: dict[str, list[float]] = {}
     codes: Counter[str] = Counter()
@@ -202,8 +202,8 @@ def machine_lines(recs: list[dict[str, Any]], ids: dict[str, str] | None = None)
         return (f" Speed probe (fp32 GEMM, `machine.gemm_gflops`) at the start of {len(vals)} of "
                 f"them: {min(vals):.0f}–{max(vals):.0f} GFLOP/s.")
 
-    lines = [f"{ids.get(k, DASH)}: {k} — {v} record(s).{probe_text(k)}"
-             for k, v in sorted(machines.items(), key=lambda kv: ids.get(kv[0], kv[0]))]
+    lines = [f"{mid}: {desc} — {machines[desc]} record(s).{probe_text(desc)}"
+             for desc, mid in ids.items() if desc in machines]
     if codes:
         lines.append("Code versions (record count): "
                      + ", ".join(f"{k} ({v})" for k, v in codes.most_common()) + ".")
@@ -253,18 +253,17 @@ def score_rows(sec: Section) -> list[dict[str, Any]]:
     return out
 
 
-def score_table(sec: Section, ids: dict[str, str] | None = None) -> Table:
+def score_table(sec: Section, ids: dict[str, str]) -> Table:
     """Scores per (method, ipc), with distillation minutes, iterations, seeds and the machine(s) (ids)."""
     header = ["method", "ipc", "accuracy", "HLR ↓", "IOR ↑", "LRS ↑", "distill (min)", "iterations", "seeds",
               "machine"]
     rows = []
     for s in score_rows(sec):
         c: Cell = s["cell"]
-        mids = ids if ids is not None else machine_ids(c.records)
         rows.append([s["label"], str(s["ipc"]), fmt_acc(c), fmt_num(s["hlr"]), fmt_num(s["ior"], signed=True),
                      fmt_num(s["lrs"]), fmt_num(s["minutes"], 1),
                      DASH if c.iterations is None else str(c.iterations), ", ".join(map(str, c.seeds)),
-                     record_machines(c.records, mids)])
+                     record_machines(c.records, ids)])
     return Table(header, rows)
 
 
@@ -292,9 +291,8 @@ def variant_ratios(rec: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def speed_table(perf: list[dict[str, Any]], ids: dict[str, str] | None = None) -> Table:
+def speed_table(perf: list[dict[str, Any]], ids: dict[str, str]) -> Table:
     """One row per perf record: each variant's ratio, the times, the baseline, the machine (id and CPU)."""
-    ids = ids if ids is not None else machine_ids(perf)
     rows = []
     for r in sorted(perf, key=lambda r: (r["name"], r.get("_path", ""))):
         ratios = variant_ratios(r)
@@ -342,7 +340,7 @@ def study_table(recs: list[dict[str, Any]]) -> Table:
     return Table(["name", "question", "set", "arms", "delta (points)", "note"], rows, align="llllrl")
 
 
-def ablation_table(recs: list[dict[str, Any]], ids: dict[str, str] | None = None) -> Table:
+def ablation_table(recs: list[dict[str, Any]], ids: dict[str, str]) -> Table:
     """Tagged variant runs beside the budget's own run of the same cell (never leaderboard cells)."""
     rows = []
     for r in sorted(recs, key=lambda r: (r["dataset"], r["budget"], r["method"], r.get("flip", False),
@@ -352,12 +350,12 @@ def ablation_table(recs: list[dict[str, Any]], ids: dict[str, str] | None = None
         overrides = [o for o in (r.get("command") or "").split() if o.startswith("method.")]
         rows.append([r["dataset"], r["budget"], method_label(r["method"], bool(r.get("flip"))), str(r["ipc"]),
                      r["tag"], " ".join(overrides) or DASH, acc, fmt_num(dist.get("wall_s"), 0),
-                     str(dist.get("iterations", DASH)), record_machines([r], ids or machine_ids(recs))])
+                     str(dist.get("iterations", DASH)), record_machines([r], ids)])
     return Table(["dataset", "budget", "method", "ipc", "tag", "changed", "accuracy", "distill s", "iterations",
                   "machine"], rows, align="lllrllrrrl")
 
 
-def _section_blocks(sec: Section, figures_dir: Path, ids: dict[str, str] | None = None) -> list[object]:
+def _section_blocks(sec: Section, figures_dir: Path, ids: dict[str, str]) -> list[object]:
     recs = [r for c in sec.cells.values() for r in c.records]
     arch = _join(_values(list(sec.cells.values()), lambda c: c.arch))
     blocks: list[object] = [

@@ -212,6 +212,10 @@ def test_header_protocol_machine_speed_and_skipped(board: dict) -> None:
     assert (gm["fp32 ratio"], gm["bf16 ratio"], gm["compile ratio"], gm["compile+bf16 ratio"]) == (
         "1.12×", "1.74×", "1.32×", DASH)
     assert gm["CPU"] == "Xeon X, 2 cores, AVX512+AMX, bf16 probe 1.73×" and dm["CPU"] == DASH
+    gm_id = re.search(r"^(M\d+): Xeon X, 2 cores, AVX512\+AMX, device cpu — 1 record\(s\)\.$", md, re.M)
+    dm_id = re.search(r"^(M\d+): device cpu — 1 record\(s\)\.$", md, re.M)
+    assert gm_id and dm_id and gm["machine"] == gm_id.group(1) and dm["machine"] == dm_id.group(1)
+    assert gm["machine"] != dm["machine"]
     study = row(tables_after(md, "## Studies")[0], name="eval_bf16")
     assert study["arms"] == "fp32: convnet: 75.41 ± 0.22 (3) / bf16: convnet: 75.37 ± 0.20 (3)"
     assert study["delta (points)"] == "-0.04"
