@@ -340,19 +340,55 @@ def study_table(recs: list[dict[str, Any]]) -> Table:
     return Table(["name", "question", "set", "arms", "delta (points)", "note"], rows, align="llllrl")
 
 
-def ablation_table(recs: list[dict[str, Any]], ids: dict[str, str]) -> Table:
-    """Tagged variant runs beside the budget's own run of the same cell (never leaderboard cells)."""
+def _cell_of(r: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The budget's own (untagged) record of the cell an ablation record varies, if there is one."""
+    key = ("dataset", "budget", "method", "ipc", "seed")
+    for c in cells:
+        if all(c.get(k) == r.get(k) for k in key) and bool(c.get("flip")) == bool(r.get("flip")) \
+                and not c.get("tag"):
+            return c
+    return None
+
+
+def ablation_changes(r: dict[str, Any], cell: dict[str, Any] | None) -> str:
+    """What an ablation run changed: its method settings that differ from the budget cell's record
+    (``key=value (cell: value)``), so the text stays true when the budget itself changes later;
+    without a cell (or method settings) to compare with, the ``method.*`` overrides of its command."""
+    mine, theirs = r.get("method_config"), (cell or {}).get("method_config")
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        diff = [f"{k}={mine.get(k)} (cell: {theirs.get(k)})" for k in sorted(set(mine) | set(theirs))
+                if k != "iterations" and mine.get(k) != theirs.get(k)]
+        planned = ((r.get("distill") or {}).get("iterations_planned"),
+                   ((cell or {}).get("distill") or {}).get("iterations_planned"))
+        if None not in planned and planned[0] != planned[1]:
+            diff.append(f"iterations cap={planned[0]} (cell: {planned[1]})")
+        return " ".join(diff) or "nothing (same settings as the cell)"
+    overrides = [o for o in (r.get("command") or "").split() if o.startswith("method.")]
+    return " ".join(overrides) or DASH
+
+
+def ablation_table(recs: list[dict[str, Any]], ids: dict[str, str],
+                   cells: list[dict[str, Any]] | None = None) -> Table:
+    """Tagged variant runs beside the budget's own run of the same cell (never leaderboard cells):
+    the settings changed against that cell's record, and the cell's own result for comparison."""
     rows = []
     for r in sorted(recs, key=lambda r: (r["dataset"], r["budget"], r["method"], r.get("flip", False),
                                          r["ipc"], r["tag"], r["seed"])):
         acc = "; ".join(f"{a}: {s['mean']:.2f} ± {s['std']:.2f} ({s['n']})" for a, s in r["eval"]["summary"].items())
         dist = r.get("distill") or {}
-        overrides = [o for o in (r.get("command") or "").split() if o.startswith("method.")]
+        cell = _cell_of(r, cells or [])
+        if cell is None:
+            cell_text = DASH
+        else:
+            cs = cell["eval"]["summary"]
+            cell_text = "; ".join(f"{s['mean']:.2f} ± {s['std']:.2f}" for s in cs.values())
+            cell_text += f" ({(cell.get('distill') or {}).get('iterations', DASH)} it., " \
+                         f"{record_machines([cell], ids)})"
         rows.append([r["dataset"], r["budget"], method_label(r["method"], bool(r.get("flip"))), str(r["ipc"]),
-                     r["tag"], " ".join(overrides) or DASH, acc, fmt_num(dist.get("wall_s"), 0),
-                     str(dist.get("iterations", DASH)), record_machines([r], ids)])
+                     r["tag"], ablation_changes(r, cell), acc, fmt_num(dist.get("wall_s"), 0),
+                     str(dist.get("iterations", DASH)), record_machines([r], ids), cell_text])
     return Table(["dataset", "budget", "method", "ipc", "tag", "changed", "accuracy", "distill s", "iterations",
-                  "machine"], rows, align="lllrllrrrl")
+                  "machine", "budget cell"], rows, align="lllrllrrrll")
 
 
 def _section_blocks(sec: Section, figures_dir: Path, ids: dict[str, str]) -> list[object]:
@@ -436,9 +472,10 @@ def build_document(results: Results, figures_dir: Path, command: str) -> Documen
         doc.add(*_section_blocks(sec, figures_dir, ids))
     if results.ablation:
         doc.add(Heading(2, "Ablations"),
-                Paragraph("Tagged variant runs (e.g. fp32 instead of the budget's bf16): the setting changed, "
-                          "and the result to compare with the budget's own cell above."),
-                ablation_table(results.ablation, ids))
+                Paragraph("Tagged variant runs (e.g. fp32 instead of the budget's bf16): the settings that "
+                          "differ from the budget's own record of the cell (same seed), and that record's "
+                          "result beside (its iterations and machine: compare like with like)."),
+                ablation_table(results.ablation, ids, results.accuracy))
     doc.add(Heading(2, "Speed"))
     if results.perf:
         doc.add(speed_table(results.perf, ids),

@@ -325,3 +325,34 @@ def test_machine_ids_per_cell(tmp_path: Path) -> None:
     assert row(scores, method="dm", ipc="1")["machine"] == "M1"
     assert row(scores, method="dm", ipc="10")["machine"] == "M2"
     assert row(tables_after(md, "## Ablations")[0], tag="fp32")["machine"] == "M2"
+
+
+def test_ablation_changes_against_the_cell_record(tmp_path: Path) -> None:
+    """An ablation's "changed" text is the difference of its method settings from the budget cell's
+    record (so it stays true after the budget itself changes), with the cell's result beside; an
+    ablation without a cell record falls back to its command's overrides."""
+    res = tmp_path / "results"
+    cell = record("dsa", 1, [70.0, 71.0, 72.0], wall_s=900.0, iterations=700)
+    cell["method_config"] = {"iterations": 1000, "batch_real": 256, "bf16": True, "init": "herding"}
+    cell["distill"]["iterations_planned"] = 1000
+    put(res, cell)
+    abl = record("dsa", 1, [69.0, 70.0, 71.0], wall_s=640.0, iterations=1000)
+    # the record of a run made when the budget's batch was 128: its command names only bf16
+    abl.update(kind="ablation", tag="fp32", command="condense method=dsa ipc=1 method.bf16=false tag=fp32",
+               method_config={"iterations": 1000, "batch_real": 128, "bf16": False, "init": "herding"})
+    abl["distill"]["iterations_planned"] = 1000
+    result_path(res, "fashion_mnist", "dsa", False, 1, "cpu", 0, tag="fp32").write_text(json.dumps(abl))
+    orphan = record("dm", 10, [70.0, 70.5, 71.0], wall_s=900.0, iterations=2500)  # no dm ipc 10 cell
+    orphan.update(kind="ablation", tag="fp32", command="condense method=dm ipc=10 method.bf16=false tag=fp32",
+                  method_config={"bf16": False})
+    path = result_path(res, "fashion_mnist", "dm", False, 10, "cpu", 0, tag="fp32")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(orphan))
+    out = tmp_path / "LEADERBOARD.md"
+    write_report(res, out)
+    (table,) = tables_after(out.read_text(), "## Ablations")[:1]
+    r = row(table, method="dsa", tag="fp32")
+    assert r["changed"] == "batch_real=128 (cell: 256) bf16=False (cell: True)"
+    assert r["budget cell"] == "71.00 ± 0.82 (700 it., M1)"
+    r = row(table, method="dm", tag="fp32")
+    assert (r["changed"], r["budget cell"]) == ("method.bf16=false", "—")
