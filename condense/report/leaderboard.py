@@ -22,7 +22,8 @@ from condense.report.document import to_html as render_html
 from condense.report.document import to_markdown as render_markdown
 from condense.report.published import SOURCE as PUBLISHED_SOURCE
 from condense.report.published import published_rows, published_value
-from condense.report.records import WHOLE, Cell, CellKey, Results, aggregate, load_results, method_label
+from condense.report.records import (WHOLE, Cell, CellKey, Results, aggregate, cell_key, load_results,
+                                     method_label)
 from condense.report.scores import FORMULA as SCORE_FORMULA
 from condense.report.scores import LRS_WEIGHT, hlr, ior, lrs
 
@@ -341,13 +342,9 @@ def study_table(recs: list[dict[str, Any]]) -> Table:
 
 
 def _cell_of(r: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The budget's own (untagged) record of the cell an ablation record varies, if there is one."""
-    key = ("dataset", "budget", "method", "ipc", "seed")
-    for c in cells:
-        if all(c.get(k) == r.get(k) for k in key) and bool(c.get("flip")) == bool(r.get("flip")) \
-                and not c.get("tag"):
-            return c
-    return None
+    """The budget's own record (same cell, same seed) of the cell an ablation record varies, if any."""
+    key = cell_key(r)
+    return next((c for c in cells if cell_key(c) == key and c.get("seed") == r.get("seed")), None)
 
 
 def ablation_changes(r: dict[str, Any], cell: dict[str, Any] | None) -> str:

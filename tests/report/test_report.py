@@ -340,7 +340,7 @@ def test_ablation_changes_against_the_cell_record(tmp_path: Path) -> None:
     # the record of a run made when the budget's batch was 128: its command names only bf16
     abl.update(kind="ablation", tag="fp32", command="condense method=dsa ipc=1 method.bf16=false tag=fp32",
                method_config={"iterations": 1000, "batch_real": 128, "bf16": False, "init": "herding"})
-    abl["distill"]["iterations_planned"] = 1000
+    abl["distill"]["iterations_planned"] = 1400
     result_path(res, "fashion_mnist", "dsa", False, 1, "cpu", 0, tag="fp32").write_text(json.dumps(abl))
     orphan = record("dm", 10, [70.0, 70.5, 71.0], wall_s=900.0, iterations=2500)  # no dm ipc 10 cell
     orphan.update(kind="ablation", tag="fp32", command="condense method=dm ipc=10 method.bf16=false tag=fp32",
@@ -352,7 +352,7 @@ def test_ablation_changes_against_the_cell_record(tmp_path: Path) -> None:
     write_report(res, out)
     (table,) = tables_after(out.read_text(), "## Ablations")[:1]
     r = row(table, method="dsa", tag="fp32")
-    assert r["changed"] == "batch_real=128 (cell: 256) bf16=False (cell: True)"
+    assert r["changed"] == "batch_real=128 (cell: 256) bf16=False (cell: True) iterations cap=1400 (cell: 1000)"
     assert r["budget cell"] == "71.00 ± 0.82 (700 it., M1)"
     r = row(table, method="dm", tag="fp32")
     assert (r["changed"], r["budget cell"]) == ("method.bf16=false", "—")
