@@ -36,6 +36,9 @@ class EvalConfig:
         dsa: DSA augmentation of every training batch (``dsa_strategy`` None = dataset default).
         select_lr: candidate lrs; when non-empty one model per candidate is trained and scored on
             ``val_size`` held-out REAL TRAINING images, the best is used (never the test set).
+        report_val: also score every model on the ``val_size`` held-out REAL TRAINING images
+            (``val_acc`` per run, ``val_mean`` / ``val_std`` per architecture): a yardstick for
+            choosing distillation settings without looking at the test set.
         vectorize: train the models of one architecture together (torch.func vmap) where possible;
             None = auto: on CUDA only (measured on a 2-core CPU: 0.79x, i.e. slower than one model
             after the other; benchmarks/perf/eval_ensemble.py).
@@ -56,6 +59,7 @@ class EvalConfig:
     select_lr: list[float] = field(default_factory=list)
     val_size: int = 5000
     test_size: int = 0  # 0: the whole test split; else a fixed class-agnostic random subset (quick looks)
+    report_val: bool = False
     vectorize: bool | None = None
     bf16: bool = False
     seed: int = 0
@@ -177,6 +181,13 @@ class Evaluator:
                 "std": round(statistics.pstdev(accs), 4),
                 "n": len(accs),
             }
+            if c.report_val:
+                vx, vy = self._val_split()
+                vaccs = ensemble_accuracy(ens, vx, vy, bf16=c.bf16)
+                for run, a in zip(runs[-len(vaccs):], vaccs, strict=True):
+                    run["val_acc"] = round(a, 4)
+                summary[arch]["val_mean"] = round(statistics.fmean(vaccs), 4)
+                summary[arch]["val_std"] = round(statistics.pstdev(vaccs), 4)
             log.info("eval %s: %.2f +- %.2f (n=%d)", arch, summary[arch]["mean"], summary[arch]["std"], len(accs))
         protocol = {**dataclasses.asdict(c), "train_size": int(images.shape[0]),
                     "test_images": int(self._test_split()[0].shape[0]),
@@ -184,6 +195,7 @@ class Evaluator:
                     "labels": "soft" if targets.dim() == 2 else "hard",
                     "learned_lr": learned_lr, "lr_selection": selection or None,
                     "vectorized": self.vectorize,
+                    **({"val_images": int(self._val_split()[0].shape[0])} if c.report_val else {}),
                     "dsa_strategy": self._augment.strategy if self._augment is not None else None}
         return EvalReport(runs=runs, summary=summary, protocol=protocol,
                           wall_s=time.perf_counter() - t0)

@@ -92,6 +92,27 @@ def test_lr_selection_uses_training_data_not_test(tiny_data):
     assert sel["chosen"] == 0.05 and "real training images" in sel["on"]
 
 
+def test_report_val_scores_the_same_models_on_held_out_training_images(tiny_data):
+    import dataclasses
+
+    kw = dict(num_models=2, epochs=3, dsa=False, val_size=40, model_kwargs={"width": 8, "depth": 2})
+    x, y = tiny_data.train_images[:20], tiny_data.train_labels[:20]
+    plain = Evaluator(EvalConfig(**kw), tiny_data).evaluate_tensors(x, y)
+    ev = Evaluator(EvalConfig(report_val=True, **kw), tiny_data)
+    rep = ev.evaluate_tensors(x, y)
+    # the same models: test accuracies unchanged, val accuracies added
+    assert [r["test_acc"] for r in rep.runs] == [r["test_acc"] for r in plain.runs]
+    assert all("val_acc" not in r for r in plain.runs) and "val_mean" not in plain.summary["convnet"]
+    assert rep.protocol["val_images"] == 40 and "val_images" not in plain.protocol
+    # val_acc is those models' accuracy on the val split: make the val split the test split
+    vx, vy = ev._val_split()
+    swapped = dataclasses.replace(tiny_data, test_images=vx, test_labels=vy)
+    on_val = Evaluator(EvalConfig(**kw), swapped).evaluate_tensors(x, y)
+    assert [r["val_acc"] for r in rep.runs] == [r["test_acc"] for r in on_val.runs]
+    vals = [r["val_acc"] for r in rep.runs]
+    assert rep.summary["convnet"]["val_mean"] == pytest.approx(sum(vals) / len(vals), abs=1e-3)
+
+
 def test_bad_config_errors(tiny_data):
     with pytest.raises(UnknownNameError, match="valid choices"):
         Evaluator(EvalConfig(archs=["nope"]), tiny_data)
