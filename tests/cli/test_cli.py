@@ -67,7 +67,7 @@ def test_budget_resolution():
 def test_budget_per_ipc_overrides_and_deadline():
     """cpu: method settings with per-ipc sub-tables, a wall-clock cap per ipc, published iteration cap."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for ipc, batch, inner, secs in ((1, 256, None, 900.0), (10, 128, 10, 900.0), (50, 64, 5, 1800.0)):
+        for ipc, batch, inner, secs in ((1, 128, None, 900.0), (10, 128, 10, 900.0), (50, 64, 5, 1800.0)):
             cfg = compose("config", overrides=["method=dsa", "budget=cpu", f"ipc={ipc}"])
             m = method_config(cfg)
             assert (m.batch_real, m.inner_loop, m.bf16, m.compile) == (batch, inner, bf16_pays("cpu"), True)
