@@ -71,6 +71,9 @@ def evaluate_record(path: Path, device: Any, cache: dict[str, Any]) -> dict[str,
     rep = Evaluator(cfg, cache[rec["dataset"]], device).evaluate(syn)
     recorded = [r["test_acc"] for r in rec["eval"]["runs"]]
     again = [r["test_acc"] for r in rep.runs]
+    if again != recorded:
+        logging.warning("%s: test accuracies %s differ from the record's %s (not the same models: other "
+                        "code or machine?)", path, again, recorded)
     return {
         "record": str(path.relative_to(RESULTS)) if path.is_relative_to(RESULTS) else str(path),
         "seed": rec["seed"], "iterations": rec["distill"]["iterations"],
@@ -97,6 +100,21 @@ def arm_result(sets: list[dict[str, Any]]) -> dict[str, Any]:
             "val_se_of_seed_mean": round(se, 4) if se is not None else None, "sets": sets}
 
 
+def choose(arms: dict[str, dict[str, Any]]) -> tuple[str, str, float, float | None]:
+    """The rule: the arm with the higher pooled validation mean.
+
+    Returns:
+        ``(chosen, runner_up, validation margin in points, standard error of the difference of
+        the two arms' seed means or None with a single seed)``.
+    """
+    by_val = sorted(arms, key=lambda k: arms[k]["summary"]["val"]["mean"], reverse=True)
+    chosen, runner_up = by_val[0], by_val[1]
+    ses = [arms[k]["val_se_of_seed_mean"] for k in (chosen, runner_up)]
+    se_diff = math.sqrt(sum(s * s for s in ses)) if None not in ses else None
+    margin = arms[chosen]["summary"]["val"]["mean"] - arms[runner_up]["summary"]["val"]["mean"]
+    return chosen, runner_up, margin, se_diff
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True, help="study name (file <name>_val_study.json)")
@@ -118,12 +136,7 @@ def main() -> None:
         sets = [evaluate_record(Path(a.results) / f, device, cache) for f in files]
         out[name] = arm_result(sets)
         logging.info("%s: val %s, test %s", name, out[name]["summary"]["val"], out[name]["summary"]["test"])
-    chosen = max(out, key=lambda k: out[k]["summary"]["val"]["mean"])
-    others = [k for k in out if k != chosen]
-    runner_up = max(others, key=lambda k: out[k]["summary"]["val"]["mean"])
-    ses = [out[k]["val_se_of_seed_mean"] for k in (chosen, runner_up)]
-    se_diff = math.sqrt(sum(s * s for s in ses)) if None not in ses else None
-    margin = out[chosen]["summary"]["val"]["mean"] - out[runner_up]["summary"]["val"]["mean"]
+    chosen, runner_up, margin, se_diff = choose(out)
     rec = {
         "schema": 1, "kind": "study", "name": f"{a.name}_val",
         "question": a.question or f"which of {', '.join(arms)} to use, chosen on held-out real training images",

@@ -38,3 +38,11 @@ def test_arm_result_pools_models_and_gives_the_se_of_seed_means():
     assert res["summary"]["test"]["mean"] == 71.5
     assert res["val_seed_means"] == [81.0, 85.0]
     assert res["val_se_of_seed_mean"] == pytest.approx(2.0)  # stdev(81, 85) / sqrt(2)
+
+
+def test_choose_takes_the_higher_validation_mean_whatever_the_test_says():
+    low_val = sov.arm_result([{"val_acc": [80.0], "test_acc": [75.0]}, {"val_acc": [81.0], "test_acc": [76.0]}])
+    high_val = sov.arm_result([{"val_acc": [82.0], "test_acc": [60.0]}, {"val_acc": [83.0], "test_acc": [61.0]}])
+    chosen, runner_up, margin, se = sov.choose({"a": low_val, "b": high_val})
+    assert (chosen, runner_up) == ("b", "a") and margin == pytest.approx(2.0)
+    assert se == pytest.approx(math.sqrt(2 * 0.5**2))
