@@ -163,6 +163,7 @@ class Evaluator:
         runs: list[dict[str, Any]] = []
         summary: dict[str, dict[str, float]] = {}
         selection: dict[str, Any] = {}
+        val = self._val_split() if c.report_val else None
         for arch in c.archs:
             lr = learned_lr if (learned_lr is not None and c.use_learned_lr) else c.lr
             if c.select_lr:
@@ -181,9 +182,8 @@ class Evaluator:
                 "std": round(statistics.pstdev(accs), 4),
                 "n": len(accs),
             }
-            if c.report_val:
-                vx, vy = self._val_split()
-                vaccs = ensemble_accuracy(ens, vx, vy, bf16=c.bf16)
+            if val is not None:
+                vaccs = ensemble_accuracy(ens, *val, bf16=c.bf16)
                 for run, a in zip(runs[-len(vaccs):], vaccs, strict=True):
                     run["val_acc"] = round(a, 4)
                 summary[arch]["val_mean"] = round(statistics.fmean(vaccs), 4)
@@ -195,7 +195,7 @@ class Evaluator:
                     "labels": "soft" if targets.dim() == 2 else "hard",
                     "learned_lr": learned_lr, "lr_selection": selection or None,
                     "vectorized": self.vectorize,
-                    **({"val_images": int(self._val_split()[0].shape[0])} if c.report_val else {}),
+                    **({"val_images": int(val[0].shape[0])} if val is not None else {}),
                     "dsa_strategy": self._augment.strategy if self._augment is not None else None}
         return EvalReport(runs=runs, summary=summary, protocol=protocol,
                           wall_s=time.perf_counter() - t0)
