@@ -1,0 +1,193 @@
+"""Can DSA at ipc 1 run the published setting (real batch 256, 1000 iterations) in the cpu
+budget's 15 minutes on this machine? Measured, and bounded by the machine's arithmetic.
+
+For each real batch (default 128 and 256) this script builds the DSA synthesizer with the cpu
+budget's ipc-1 settings (ConvNet-3, Fashion-MNIST, siamese DSA, bf16 autocast where chosen,
+compiled real side; ``init=real`` here, the init does not change the cost of an iteration) and:
+
+- times whole outer iterations (``synth.step``: fresh network, real batch of every class, DSA
+  views, per-class gradients of both sides, distance, image update), the batches alternated in
+  one process, medians of ``--repeats`` after a compiling warm-up;
+- counts one iteration's floating-point operations with PyTorch's counter (on an eager fp32
+  twin: the same arithmetic, the counter does not see inside compiled graphs);
+- measures this CPU's best throughput on the convolution that dominates the step (3x3, 128 ->
+  128 channels at 16x16, the forward and the backward of input and weights, under the step's
+  precision) and divides: ``bound_s`` = the time 1000 iterations would take if every counted
+  FLOP ran at that best rate and nothing else (augmentation, norms, pooling, the optimizer,
+  allocation) took any time. A lower bound, not a prediction;
+- profiles one iteration of the biggest batch: the share of its time inside convolutions.
+
+The record (kind ``study``, read by the leaderboard's Studies table) says for each batch the
+measured ``s_per_iteration``, ``projected_1000_s`` (1000 x that), ``bound_1000_s`` and whether
+either fits the budget's deadline (``--deadline``, 900 s; the cell's own set-up time, e.g. the
+herding init, comes on top and is not counted).
+
+    python benchmarks/perf/dsa_budget_bound.py --out benchmarks/results/perf/dsa_ipc1_budget_bound.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import (  # noqa: I001  (sibling module of this script)
+    alternate,
+    command_line,
+    counted_flops,
+    load_data,
+    time_split,
+    timed,
+)
+
+from condense.augment import DSA, default_strategy
+from condense.data import ClassIndex
+from condense.provenance import code_version, machine_info, write_json_atomic
+from condense.runtime import keep_freed_memory
+from condense.synth.base import SynthContext
+from condense.synth.gradient_matching import DSAGradientMatching
+from condense.types import RealData, SyntheticSet
+
+ITERATIONS = 1000  # the published count at ipc 1
+
+
+def make_synth(data: RealData, batch_real: int, *, bf16: bool, compile: bool, width: int,
+               seed: int = 0) -> tuple[DSAGradientMatching, SyntheticSet]:
+    """DSA at ipc 1 with the cpu budget's settings at ``batch_real`` and its initial set."""
+    ctx = SynthContext(
+        data=data,
+        index=ClassIndex(data.train_labels, data.spec.num_classes),
+        ipc=1,
+        seed=seed,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(seed),
+        model_name="convnet",
+        model_kwargs={"width": width},
+        augment=DSA(strategy=default_strategy(data.spec.name)),
+    )
+    cfg = DSAGradientMatching.Config(batch_real=batch_real, bf16=bf16, compile=compile, init="real")
+    synth = DSAGradientMatching(cfg, ctx)
+    return synth, synth.init_set()
+
+
+def conv_rates(width: int, bf16: bool, batch: int = 256, size: int = 16, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of this CPU on the dominant convolution (``width`` -> ``width``, 3x3 at ``size``):
+    forward, and backward of input and weights together (twice the forward's FLOPs); best of
+    ``repeats`` calls, under bf16 autocast when ``bf16``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, width, size, size, generator=g, requires_grad=True)
+    w = torch.randn(width, width, 3, 3, generator=g, requires_grad=True)
+    flops = 2 * batch * width * size * size * width * 9
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = torch.nn.functional.conv2d(x, w, padding=1)
+    gy = torch.randn_like(y)
+
+    def fwd() -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            torch.nn.functional.conv2d(x, w, padding=1)
+
+    def bwd() -> None:
+        torch.autograd.grad(y, (x, w), gy, retain_graph=True)
+
+    out = {}
+    for name, fn, n in (("forward", fwd, flops), ("backward", bwd, 2 * flops)):
+        fn()  # warm-up
+        out[name] = n / min(timed(fn) for _ in range(repeats)) / 1e9
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[128, 256], help="real batches per class")
+    ap.add_argument("--repeats", type=int, default=8, help="timed iterations per batch")
+    ap.add_argument("--deadline", type=float, default=900.0, help="the budget's seconds for ipc 1")
+    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (default: bf16 as the cpu "
+                    "budget runs it on a CPU with native bf16)")
+    ap.add_argument("--no-compile", action="store_true", help="eager real side (default: compiled, as the budget)")
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--classes", type=int, default=None, help="first N classes only (tests)")
+    ap.add_argument("--dataset", default="fashion_mnist")
+    ap.add_argument("--out", type=Path, default=None, help="where to write the study JSON")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    heap_kept = keep_freed_memory()
+    bf16, compile = not args.fp32, not args.no_compile
+
+    data, data_name = load_data(args.dataset)
+    if args.classes:
+        from gradient_matching import first_classes
+
+        data = first_classes(data, args.classes)
+    synths = {b: make_synth(data, b, bf16=bf16, compile=compile, width=args.width) for b in args.batches}
+    warm = {}
+    for b, (s, syn) in synths.items():  # the first iteration compiles
+        warm[b] = [timed(lambda s=s, syn=syn: s.step(syn, 0)) for _ in range(2)]
+    runs = {f"batch{b}": (lambda s=s, syn=syn: s.step(syn, 0)) for b, (s, syn) in synths.items()}
+    times, med = alternate(runs, args.repeats)
+
+    flops = {}
+    for b in args.batches:
+        twin, syn = make_synth(data, b, bf16=False, compile=False, width=args.width)
+        flops[b] = counted_flops(lambda twin=twin, syn=syn: twin.step(syn, 0))
+    rates = conv_rates(args.width, bf16)
+    best = max(rates.values())
+    split = time_split(runs[f"batch{max(args.batches)}"])
+
+    per_batch: dict[str, Any] = {}
+    for b in args.batches:
+        step = med[f"batch{b}"]
+        bound = ITERATIONS * flops[b] / (best * 1e9)
+        per_batch[str(b)] = {
+            "s_per_iteration": step,
+            "times_s": times[f"batch{b}"],
+            "warmup_s": warm[b],
+            "flops_per_iteration": flops[b],
+            "gflops": flops[b] / step / 1e9,
+            "projected_1000_s": ITERATIONS * step,
+            "bound_1000_s": bound,
+            "fits_measured": ITERATIONS * step <= args.deadline,
+            "fits_bound": bound <= args.deadline,
+            "iterations_in_deadline": int(args.deadline // step),
+        }
+        print(f"batch {b}: {step:.3f} s/iteration ({flops[b] / 1e9:.0f} GFLOP, {flops[b] / step / 1e9:.0f} "
+              f"GFLOP/s) -> 1000 iterations {ITERATIONS * step:.0f} s measured, >= {bound:.0f} s at the "
+              f"best conv rate; deadline {args.deadline:.0f} s")
+    print(f"conv GFLOP/s ({'bf16' if bf16 else 'fp32'}): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
+          + f"; conv share of one batch-{max(args.batches)} iteration {split['conv_share']:.0%}")
+    top = per_batch[str(max(args.batches))]
+    note = (f"batch {max(args.batches)}: 1000 iterations take {top['projected_1000_s']:.0f} s measured "
+            f"and >= {top['bound_1000_s']:.0f} s if every FLOP ran at this CPU's best convolution rate "
+            f"({best:.0f} GFLOP/s) and nothing else cost time; the deadline is {args.deadline:.0f} s")
+    result: dict[str, Any] = {
+        "schema": 1,
+        "kind": "study",
+        "name": "dsa_ipc1_budget_bound",
+        "question": ("can DSA ipc 1 run the published real batch 256 for the published 1000 iterations "
+                     "within the cpu budget's deadline on this machine (measured, and bounded by its "
+                     "convolution throughput)?"),
+        "set": (f"{data_name}, ConvNet-3 width {args.width}, ipc 1, DSA, {'bf16' if bf16 else 'fp32'}, "
+                f"{'compiled' if compile else 'eager'} real side, {data.spec.num_classes} classes"),
+        "batches": per_batch,
+        "conv_gflops": rates,
+        "best_conv_gflops": best,
+        "time_split": split,
+        "deadline_s": args.deadline,
+        "note": note,
+        "setting": {"batches": args.batches, "repeats": args.repeats, "bf16": bf16, "compile": compile,
+                    "width": args.width, "classes": data.spec.num_classes, "heap_kept": heap_kept,
+                    "iterations": ITERATIONS},
+        "machine": machine_info("cpu"),
+        "code_version": code_version(),
+        "command": command_line(),
+    }
+    print(note)
+    if args.out:
+        write_json_atomic(args.out, result)
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The DSA budget-bound script end to end at a toy size: its derived fields follow from its
+measurements (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+PERF = Path(__file__).resolve().parents[2] / "benchmarks" / "perf"
+
+
+@pytest.fixture
+def bound_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(PERF))
+    import dsa_budget_bound
+
+    yield dsa_budget_bound
+    for name in ("_common", "gradient_matching", "dsa_budget_bound"):
+        sys.modules.pop(name, None)
+
+
+def test_dsa_budget_bound_tiny(bound_module, tmp_path):
+    out = tmp_path / "bound.json"
+    rec = bound_module.main(["--classes", "2", "--batches", "4", "8", "--repeats", "1", "--width", "8",
+                             "--fp32", "--no-compile", "--deadline", "5", "--out", str(out)])
+    assert json.loads(out.read_text())["name"] == "dsa_ipc1_budget_bound"
+    assert rec["kind"] == "study" and isinstance(rec["question"], str)
+    best = rec["best_conv_gflops"]
+    assert best == max(rec["conv_gflops"].values()) and best > 0
+    small, big = rec["batches"]["4"], rec["batches"]["8"]
+    assert 0 < small["flops_per_iteration"] < big["flops_per_iteration"]
+    for b in (small, big):
+        assert b["projected_1000_s"] == pytest.approx(1000 * b["s_per_iteration"])
+        assert b["bound_1000_s"] == pytest.approx(1000 * b["flops_per_iteration"] / (best * 1e9))
+        assert b["fits_measured"] == (b["projected_1000_s"] <= 5)
+        assert b["fits_bound"] == (b["bound_1000_s"] <= 5)
+        assert b["iterations_in_deadline"] == int(5 // b["s_per_iteration"])
+    assert 0 < rec["time_split"]["conv_share"] < 1
+
+
+def test_make_synth_uses_the_batch(bound_module):
+    data, _ = bound_module.load_data("no_such_dataset_here")  # random tensors of Fashion-MNIST's shape
+    synth, syn = bound_module.make_synth(data, 16, bf16=False, compile=False, width=8)
+    assert synth.cfg.batch_real == 16 and synth.cfg.dsa and synth.ctx.ipc == 1
+    assert syn.images.shape[0] == data.spec.num_classes
