@@ -39,6 +39,7 @@ def test_dsa_budget_bound_tiny(bound_module, tmp_path):
         assert b["fits_bound"] == (b["bound_1000_s"] <= 5)
         assert b["iterations_in_deadline"] == int(5 // b["s_per_iteration"])
     assert 0 < rec["time_split"]["conv_share"] < 1
+    assert big["conv_kernels_1000_s"] == pytest.approx(rec["time_split"]["conv_share"] * big["projected_1000_s"])
 
 
 def test_make_synth_uses_the_batch(bound_module):
