@@ -171,3 +171,19 @@ def command_line() -> str:
     """This invocation as a shell line, with the thread-count environment that shaped it."""
     env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ]
     return " ".join([*env, *(shlex.quote(a) for a in ["python", *sys.argv])])
+
+
+def provenance() -> dict[str, Any]:
+    """The fields every perf or study record ends with: machine, code version, command line."""
+    from condense.provenance import code_version, machine_info
+
+    return {"machine": machine_info("cpu"), "code_version": code_version(), "command": command_line()}
+
+
+def write_record(out: Any, rec: dict[str, Any]) -> None:
+    """Write ``rec`` atomically to ``out`` (a path) when one was given, and say where."""
+    if out:
+        from condense.provenance import write_json_atomic
+
+        write_json_atomic(out, rec)
+        print(f"wrote {out}")

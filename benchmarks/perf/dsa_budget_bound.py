@@ -35,16 +35,16 @@ from typing import Any
 import torch
 from _common import (  # noqa: I001  (sibling module of this script)
     alternate,
-    command_line,
     counted_flops,
     load_data,
+    provenance,
     time_split,
     timed,
+    write_record,
 )
 
 from condense.augment import DSA, default_strategy
 from condense.data import ClassIndex
-from condense.provenance import code_version, machine_info, write_json_atomic
 from condense.runtime import keep_freed_memory
 from condense.synth.base import SynthContext
 from condense.synth.gradient_matching import DSAGradientMatching
@@ -181,14 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "setting": {"batches": args.batches, "repeats": args.repeats, "bf16": bf16, "compile": compile,
                     "width": args.width, "classes": data.spec.num_classes, "heap_kept": heap_kept,
                     "iterations": ITERATIONS},
-        "machine": machine_info("cpu"),
-        "code_version": code_version(),
-        "command": command_line(),
+        **provenance(),
     }
     print(note)
-    if args.out:
-        write_json_atomic(args.out, result)
-        print(f"wrote {args.out}")
+    write_record(args.out, result)
     return result
 
 

@@ -57,21 +57,21 @@ import torch.nn.functional as F
 from _common import (  # noqa: I001  (sibling module of this script)
     alternate,
     check_same_draw,
-    command_line,
     conv_peak_gflops,
     counted_flops,
     flop_rates,
     load_data,
+    provenance,
     stock_pooling,
     time_split,
     timed,
     variant_table,
+    write_record,
 )
 
 from condense.augment import DSA, default_strategy
 from condense.data import ClassIndex
 from condense.ops import matching_params
-from condense.provenance import code_version, machine_info, write_json_atomic
 from condense.runtime import keep_freed_memory
 from condense.synth.base import SynthContext
 from condense.synth.gradient_matching import DSAGradientMatching, GradientMatching
@@ -270,13 +270,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "dis_metric": "ours", "heap_kept": heap_kept, "quick": args.quick},
         "loss_check": {"ours": check["ours"], "baseline": check["baseline"], "rel_diff": rel,
                        "bf16_rel_diff": rel_bf16},
-        "machine": machine_info("cpu"),
-        "code_version": code_version(),
-        "command": command_line(),
+        **provenance(),
     }
-    if args.out:
-        write_json_atomic(args.out, result)
-        print(f"wrote {args.out}")
+    write_record(args.out, result)
     return result
 
 

@@ -22,8 +22,16 @@ from condense.report.document import to_html as render_html
 from condense.report.document import to_markdown as render_markdown
 from condense.report.published import SOURCE as PUBLISHED_SOURCE
 from condense.report.published import published_rows, published_value
-from condense.report.records import (WHOLE, Cell, CellKey, Results, aggregate, cell_key, load_results,
-                                     method_label)
+from condense.report.records import (
+    WHOLE,
+    Cell,
+    CellKey,
+    Results,
+    aggregate,
+    cell_key,
+    load_results,
+    method_label,
+)
 from condense.report.scores import FORMULA as SCORE_FORMULA
 from condense.report.scores import LRS_WEIGHT, hlr, ior, lrs
 
