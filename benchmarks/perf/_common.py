@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
@@ -16,6 +17,7 @@ from torch import nn
 
 from condense.errors import CondenseError
 from condense.models._pool import AvgPool2x2
+from condense.synth.base import SynthContext
 from condense.types import DatasetSpec, RealData
 
 
@@ -46,6 +48,16 @@ def load_data(name: str) -> tuple[RealData, str]:
     y = torch.arange(k).repeat_interleave(per_class)
     spec = DatasetSpec("random", 1, (28, 28), k, tuple(map(str, range(k))), (0.0,), (1.0,))
     return RealData(spec, x, y, x[:10], y[:10]), "random"
+
+
+def first_classes(data: RealData, k: int) -> RealData:
+    """The first ``k`` classes only (per-class work is the same, the step is ``K/k`` times shorter)."""
+    if k >= data.spec.num_classes:
+        return data
+    keep_tr, keep_te = data.train_labels < k, data.test_labels < k
+    spec = dataclasses.replace(data.spec, num_classes=k, class_names=data.spec.class_names[:k])
+    return RealData(spec, data.train_images[keep_tr], data.train_labels[keep_tr],
+                    data.test_images[keep_te], data.test_labels[keep_te])
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -114,23 +126,59 @@ def counted_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def conv_peak_gflops(batch: int = 256, channels: int = 128, size: int = 16, repeats: int = 5) -> dict[str, float]:
-    """This machine's throughput on the convolution that dominates a ConvNet-3 step on 28x28 images
-    (the second 3x3 layer, ``channels`` in and out at ``size`` x ``size``; the first layer pads 28
-    to 32), forward only, in fp32 and under bf16 autocast: GFLOP/s of the best of ``repeats`` calls. The yardstick for how close to the
-    machine a step runs: a step at this rate is compute-bound, so no reorganisation of the same
-    arithmetic can make it much faster."""
+def conv_gflops(*, bf16: bool, backward: bool = False, batch: int = 256, channels: int = 128, size: int = 16,
+                repeats: int = 5) -> float:
+    """This machine's GFLOP/s (best of ``repeats`` calls) on the convolution that dominates a
+    ConvNet-3 step on 28x28 images (the second 3x3 layer, ``channels`` in and out at ``size`` x
+    ``size``; the first layer pads 28 to 32): its forward, or with ``backward`` the gradients of
+    its input and weights together (twice the forward's FLOPs); under bf16 autocast when ``bf16``."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, channels, size, size, generator=g)
-    w = torch.randn(channels, channels, 3, 3, generator=g)
+    x = torch.randn(batch, channels, size, size, generator=g, requires_grad=backward)
+    w = torch.randn(channels, channels, 3, 3, generator=g, requires_grad=backward)
     flops = 2 * batch * channels * size * size * channels * 9
-    out: dict[str, float] = {}
-    for tag, bf16 in (("fp32", False), ("bf16", True)):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            torch.nn.functional.conv2d(x, w, padding=1)  # warm-up
-            best = min(timed(lambda: torch.nn.functional.conv2d(x, w, padding=1)) for _ in range(repeats))
-        out[tag] = flops / best / 1e9
-    return out
+    if backward:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = torch.nn.functional.conv2d(x, w, padding=1)
+        gy = torch.randn_like(y)
+
+        def call() -> None:
+            torch.autograd.grad(y, (x, w), gy, retain_graph=True)
+
+        flops *= 2
+    else:
+        def call() -> None:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                torch.nn.functional.conv2d(x, w, padding=1)
+
+    call()  # warm-up
+    return flops / min(timed(call) for _ in range(repeats)) / 1e9
+
+
+def conv_peak_gflops(batch: int = 256, channels: int = 128, size: int = 16, repeats: int = 5) -> dict[str, float]:
+    """:func:`conv_gflops` of the forward in fp32 and under bf16 autocast. The yardstick for how
+    close to the machine a step runs: a step at this rate is compute-bound, so no reorganisation
+    of the same arithmetic can make it much faster."""
+    return {tag: conv_gflops(bf16=bf16, batch=batch, channels=channels, size=size, repeats=repeats)
+            for tag, bf16 in (("fp32", False), ("bf16", True))}
+
+
+def synth_context(data: RealData, *, ipc: int, width: int, seed: int, augment: bool) -> SynthContext:
+    """A CPU synthesis context on ConvNet-3 of ``width`` with its own generator (``seed``) and,
+    with ``augment``, the dataset's DSA strategy: what every perf script's synthesizers run in."""
+    from condense.augment import DSA, default_strategy
+    from condense.data import ClassIndex
+
+    return SynthContext(
+        data=data,
+        index=ClassIndex(data.train_labels, data.spec.num_classes),
+        ipc=ipc,
+        seed=seed,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(seed),
+        model_name="convnet",
+        model_kwargs={"width": width},
+        augment=DSA(strategy=default_strategy(data.spec.name)) if augment else None,
+    )
 
 
 def flop_rates(flops: int, medians: dict[str, float], peak: dict[str, float]) -> dict[str, Any]:

@@ -28,16 +28,15 @@ import torch
 from _common import (  # noqa: I001  (sibling module of this script)
     alternate,
     check_same_draw,
-    command_line,
     load_data,
+    provenance,
     stock_pooling,
+    synth_context,
     timed,
     variant_table,
+    write_record,
 )
 
-from condense.augment import DSA, default_strategy
-from condense.data import ClassIndex
-from condense.provenance import code_version, machine_info, write_json_atomic
 from condense.runtime import keep_freed_memory
 from condense.synth.base import SynthContext
 from condense.synth.distribution_matching import AttentionMatching, DistributionMatching
@@ -47,17 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def make_ctx(data: RealData, args: argparse.Namespace, seed: int) -> SynthContext:
-    return SynthContext(
-        data=data,
-        index=ClassIndex(data.train_labels, data.spec.num_classes),
-        ipc=args.ipc,
-        seed=seed,
-        device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(seed),
-        model_name="convnet",
-        model_kwargs={"width": args.width},
-        augment=DSA(strategy=default_strategy(data.spec.name)),
-    )
+    return synth_context(data, ipc=args.ipc, width=args.width, seed=seed, augment=True)
 
 
 class PerClassLoop:
@@ -206,14 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
             for name in ("ours_compile", "ours_compile_bf16", "ours_compile_stock_stem")
         },
         "datadam": datadam,
-        "machine": machine_info(),
-        "code_version": code_version(),
-        "command": command_line(),
+        **provenance(),
     }
-    if args.out is not None:
-        write_json_atomic(args.out, result)
-        print(f"wrote {args.out}")
-    else:
+    write_record(args.out, result)
+    if args.out is None:
         print(json.dumps(copy.deepcopy(result), indent=2))
     return result
 

@@ -32,21 +32,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from _common import (  # noqa: I001  (sibling module of this script)
     alternate,
+    conv_gflops,
     counted_flops,
+    first_classes,
     load_data,
     provenance,
+    synth_context,
     time_split,
     timed,
     write_record,
 )
 
-from condense.augment import DSA, default_strategy
-from condense.data import ClassIndex
 from condense.runtime import keep_freed_memory
-from condense.synth.base import SynthContext
 from condense.synth.gradient_matching import DSAGradientMatching
 from condense.types import RealData, SyntheticSet
 
@@ -56,46 +55,10 @@ ITERATIONS = 1000  # the published count at ipc 1
 def make_synth(data: RealData, batch_real: int, *, bf16: bool, compile: bool, width: int,
                seed: int = 0) -> tuple[DSAGradientMatching, SyntheticSet]:
     """DSA at ipc 1 with the cpu budget's settings at ``batch_real`` and its initial set."""
-    ctx = SynthContext(
-        data=data,
-        index=ClassIndex(data.train_labels, data.spec.num_classes),
-        ipc=1,
-        seed=seed,
-        device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(seed),
-        model_name="convnet",
-        model_kwargs={"width": width},
-        augment=DSA(strategy=default_strategy(data.spec.name)),
-    )
+    ctx = synth_context(data, ipc=1, width=width, seed=seed, augment=True)
     cfg = DSAGradientMatching.Config(batch_real=batch_real, bf16=bf16, compile=compile, init="real")
     synth = DSAGradientMatching(cfg, ctx)
     return synth, synth.init_set()
-
-
-def conv_rates(width: int, bf16: bool, batch: int = 256, size: int = 16, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of this CPU on the dominant convolution (``width`` -> ``width``, 3x3 at ``size``):
-    forward, and backward of input and weights together (twice the forward's FLOPs); best of
-    ``repeats`` calls, under bf16 autocast when ``bf16``."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, width, size, size, generator=g, requires_grad=True)
-    w = torch.randn(width, width, 3, 3, generator=g, requires_grad=True)
-    flops = 2 * batch * width * size * size * width * 9
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        y = torch.nn.functional.conv2d(x, w, padding=1)
-    gy = torch.randn_like(y)
-
-    def fwd() -> None:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            torch.nn.functional.conv2d(x, w, padding=1)
-
-    def bwd() -> None:
-        torch.autograd.grad(y, (x, w), gy, retain_graph=True)
-
-    out = {}
-    for name, fn, n in (("forward", fwd, flops), ("backward", bwd, 2 * flops)):
-        fn()  # warm-up
-        out[name] = n / min(timed(fn) for _ in range(repeats)) / 1e9
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -117,8 +80,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     data, data_name = load_data(args.dataset)
     if args.classes:
-        from gradient_matching import first_classes
-
         data = first_classes(data, args.classes)
     synths = {b: make_synth(data, b, bf16=bf16, compile=compile, width=args.width) for b in args.batches}
     warm = {}
@@ -131,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for b in args.batches:
         twin, syn = make_synth(data, b, bf16=False, compile=False, width=args.width)
         flops[b] = counted_flops(lambda twin=twin, syn=syn: twin.step(syn, 0))
-    rates = conv_rates(args.width, bf16)
+    rates = {name: conv_gflops(bf16=bf16, backward=bwd, channels=args.width)
+             for name, bwd in (("forward", False), ("backward", True))}
     best = max(rates.values())
     split = time_split(runs[f"batch{max(args.batches)}"])
 

@@ -14,12 +14,11 @@ import statistics
 import time
 
 import torch
-from _common import command_line, variant_table  # noqa: I001  (sibling module of this script)
+from _common import provenance, variant_table, write_record  # noqa: I001  (sibling module of this script)
 
 from condense.augment import DSA
 from condense.eval.train import TrainConfig, train_classifiers
 from condense.models import create_model
-from condense.provenance import code_version, machine_info, write_json_atomic
 from condense.runtime import keep_freed_memory
 
 
@@ -67,13 +66,11 @@ def main() -> None:
         "variants": variant_table({"baseline": base, "ours": ours, "ours_bf16": ours_bf16}),
         "setup": {"models": a.models, "images": a.images, "epochs": epochs, "repeats": repeats,
                   "batch": 256, "dsa": True, "heap_kept": heap_kept, "input": "1x28x28", "arch": "convnet (width 128, depth 3)"},
-        "machine": machine_info("cpu"), "code_version": code_version(),
-        "command": command_line(),
+        **provenance(),
     }
     print(f"sequential {b:.2f} s  vectorized {o:.2f} s  ratio {b / o:.2f}x  (bf16 vectorized {ob:.2f} s, "
           f"{o / ob:.2f}x faster than fp32)")
-    if a.out:
-        write_json_atomic(a.out, rec)
+    write_record(a.out, rec)
 
 
 if __name__ == "__main__":

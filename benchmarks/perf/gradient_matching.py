@@ -45,7 +45,6 @@ other cost of an outer iteration at ipc >= 10.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import statistics
 from collections.abc import Callable
@@ -59,18 +58,18 @@ from _common import (  # noqa: I001  (sibling module of this script)
     check_same_draw,
     conv_peak_gflops,
     counted_flops,
+    first_classes,
     flop_rates,
     load_data,
     provenance,
     stock_pooling,
+    synth_context,
     time_split,
     timed,
     variant_table,
     write_record,
 )
 
-from condense.augment import DSA, default_strategy
-from condense.data import ClassIndex
 from condense.ops import matching_params
 from condense.runtime import keep_freed_memory
 from condense.synth.base import SynthContext
@@ -80,28 +79,8 @@ from condense.types import RealData, SyntheticSet
 REPO = Path(__file__).resolve().parents[2]
 
 
-def first_classes(data: RealData, k: int) -> RealData:
-    """The first ``k`` classes only (per-class work is the same, the step is ``K/k`` times shorter)."""
-    if k >= data.spec.num_classes:
-        return data
-    keep_tr, keep_te = data.train_labels < k, data.test_labels < k
-    spec = dataclasses.replace(data.spec, num_classes=k, class_names=data.spec.class_names[:k])
-    return RealData(spec, data.train_images[keep_tr], data.train_labels[keep_tr],
-                    data.test_images[keep_te], data.test_labels[keep_te])
-
-
 def make_ctx(data: RealData, args: argparse.Namespace, seed: int, augment: bool = False) -> SynthContext:
-    return SynthContext(
-        data=data,
-        index=ClassIndex(data.train_labels, data.spec.num_classes),
-        ipc=args.ipc,
-        seed=seed,
-        device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(seed),
-        model_name="convnet",
-        model_kwargs={"width": args.width},
-        augment=DSA(strategy=default_strategy(data.spec.name)) if augment else None,
-    )
+    return synth_context(data, ipc=args.ipc, width=args.width, seed=seed, augment=augment)
 
 
 def reference_distance(gr: list[torch.Tensor], gs: list[torch.Tensor]) -> torch.Tensor:

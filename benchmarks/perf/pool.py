@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import alternate, command_line, variant_table  # noqa: I001  (sibling module of this script)
+from _common import alternate, provenance, variant_table, write_record  # noqa: I001  (sibling module of this script)
 
 from condense.models._pool import avg_pool2x2
-from condense.provenance import code_version, machine_info, write_json_atomic
 from condense.runtime import keep_freed_memory
 
 
@@ -62,11 +61,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sizes": per_size,
         "setting": {"batch": a.batch, "channels": a.channels, "repeats": a.repeats, "dtype": "float32",
                     "heap_kept": heap_kept},
-        "machine": machine_info("cpu"), "code_version": code_version(), "command": command_line(),
+        **provenance(),
     }
-    if a.out:
-        write_json_atomic(a.out, rec)
-        print(f"wrote {a.out}")
+    write_record(a.out, rec)
     return rec
 
 
