@@ -15,7 +15,16 @@ compiled real side; ``init=real`` here, the init does not change the cost of an 
   precision) and divides: ``bound_s`` = the time 1000 iterations would take if every counted
   FLOP ran at that best rate and nothing else (augmentation, norms, pooling, the optimizer,
   allocation) took any time. A lower bound, not a prediction;
-- profiles one iteration of the biggest batch: the share of its time inside convolutions.
+- profiles one iteration of the biggest batch: the share of its time inside convolutions;
+- bounds what a Winograd convolution could save (F(2x2, 3x3), the variant that is accurate in
+  bf16: it does the 3x3 layers' multiply-adds in 2.25x fewer FLOPs, as 16 matrix products per
+  pass). For each 128 -> 128 layer of the real side at the biggest batch (conv2 at H/2, conv3 at
+  H/4, input and weight gradients as the step needs them) it times the stock convolution's
+  forward + backward and the Winograd-domain matrix products alone (forward, input gradient,
+  weight gradient; batched or as 16 calls, whichever is faster). Those products are a floor for
+  any Winograd built on PyTorch's matrix multiply: the tile transforms (which move several times
+  the activation's bytes) come on top. ``projected_1000_s_winograd_floor`` = the measured 1000
+  iterations minus 1000 x (stock - floor) summed over the layers: an optimistic projection.
 
 The record (kind ``study``, read by the leaderboard's Studies table) says for each batch the
 measured ``s_per_iteration``, ``projected_1000_s`` (1000 x that), ``bound_1000_s`` and whether
@@ -32,6 +41,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from _common import (  # noqa: I001  (sibling module of this script)
     alternate,
     conv_gflops,
@@ -59,6 +70,51 @@ def make_synth(data: RealData, batch_real: int, *, bf16: bool, compile: bool, wi
     cfg = DSAGradientMatching.Config(batch_real=batch_real, bf16=bf16, compile=compile, init="real")
     synth = DSAGradientMatching(cfg, ctx)
     return synth, synth.init_set()
+
+
+def winograd_floor(n: int, channels: int, size: int, *, bf16: bool, repeats: int = 3) -> dict[str, Any]:
+    """Stock 3x3 convolution (``n`` images, ``channels`` in and out, ``size`` x ``size``, padding 1,
+    channels-last as the step's real side runs it) forward + backward of input and weights, against
+    the matrix products of the same three passes in the F(2x2, 3x3) Winograd domain: 16 products
+    each of ``(T, C) @ (C, C)`` (forward and input gradient) and ``(C, T) @ (T, C)`` (weight
+    gradient) with ``T = n * ceil(size/2)^2`` tiles. Best of ``repeats`` timings of each."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, channels, size, size, generator=g).to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.randn(channels, channels, 3, 3, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = F.conv2d(x, w, padding=1)
+    gy = torch.randn_like(y)
+
+    def stock() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = F.conv2d(x, w, padding=1)
+        torch.autograd.grad(out, (x, w), gy)
+
+    tiles = n * ((size + 1) // 2) ** 2
+    v = torch.randn(16, tiles, channels, generator=g).to(dtype)  # transformed input tiles
+    u = torch.randn(16, channels, channels, generator=g).to(dtype)  # transformed kernel
+    m = torch.randn(16, tiles, channels, generator=g).to(dtype)  # transformed output gradient
+    passes = {
+        "forward": (v, u),  # V @ U
+        "input_grad": (m, u.transpose(1, 2)),  # dM @ U^T
+        "weight_grad": (v.transpose(1, 2), m),  # V^T @ dM
+    }
+    gemm: dict[str, float] = {}
+    for name, (a, b) in passes.items():
+        batched = min(timed(lambda a=a, b=b: torch.bmm(a, b)) for _ in range(repeats))
+        looped = min(timed(lambda a=a, b=b: [a[i] @ b[i] for i in range(16)]) for _ in range(repeats))
+        gemm[name] = min(batched, looped)
+    stock()  # warm-up
+    stock_s = min(timed(stock) for _ in range(repeats))
+    floor_s = sum(gemm.values())
+    direct_flops = 3 * 2 * n * size * size * channels * channels * 9
+    winograd_flops = 3 * 2 * 16 * tiles * channels * channels
+    return {"images": n, "channels": channels, "size": size, "stock_s": stock_s, "gemm_s": gemm,
+            "floor_s": floor_s, "saving_s": max(0.0, stock_s - floor_s),
+            "stock_gflops": direct_flops / stock_s / 1e9, "gemm_gflops": winograd_flops / floor_s / 1e9,
+            "flop_ratio": direct_flops / winograd_flops}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -96,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              for name, bwd in (("forward", False), ("backward", True))}
     best = max(rates.values())
     split = time_split(runs[f"batch{max(args.batches)}"])
+    size = data.spec.im_size[-1]
+    n_top = data.spec.num_classes * max(args.batches)
+    wino = [winograd_floor(n_top, args.width, s, bf16=bf16) for s in (size // 2, size // 4)]
 
     per_batch: dict[str, Any] = {}
     for b in args.batches:
@@ -121,10 +180,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     top = per_batch[str(max(args.batches))]
     # the measured time of 1000 iterations spent inside convolution kernels (profiled share)
     top["conv_kernels_1000_s"] = split["conv_share"] * top["projected_1000_s"]
+    top["winograd_saving_1000_s"] = ITERATIONS * sum(layer["saving_s"] for layer in wino)
+    top["projected_1000_s_winograd_floor"] = top["projected_1000_s"] - top["winograd_saving_1000_s"]
+    for layer in wino:
+        print(f"Winograd F(2x2,3x3) at {layer['size']}x{layer['size']}, {layer['images']} images: stock conv "
+              f"fwd+bwd {layer['stock_s']:.3f} s, its Winograd-domain matrix products alone "
+              f"{layer['floor_s']:.3f} s ({layer['gemm_gflops']:.0f} GFLOP/s, {layer['flop_ratio']:.2f}x fewer FLOPs)")
     note = (f"batch {max(args.batches)}: 1000 iterations take {top['projected_1000_s']:.0f} s measured, "
             f"{top['conv_kernels_1000_s']:.0f} s of them in convolution kernels, and >= "
             f"{top['bound_1000_s']:.0f} s if every FLOP ran at this CPU's best convolution rate "
-            f"({best:.0f} GFLOP/s) and nothing else cost time; the deadline is {args.deadline:.0f} s")
+            f"({best:.0f} GFLOP/s) and nothing else cost time; a Winograd convolution with free tile "
+            f"transforms would save at most {top['winograd_saving_1000_s']:.0f} s of them "
+            f"({top['projected_1000_s_winograd_floor']:.0f} s); the deadline is {args.deadline:.0f} s")
     result: dict[str, Any] = {
         "schema": 1,
         "kind": "study",
@@ -138,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "conv_gflops": rates,
         "best_conv_gflops": best,
         "time_split": split,
+        "winograd_floor": wino,
         "deadline_s": args.deadline,
         "note": note,
         "setting": {"batches": args.batches, "repeats": args.repeats, "bf16": bf16, "compile": compile,

@@ -40,6 +40,18 @@ def test_dsa_budget_bound_tiny(bound_module, tmp_path):
         assert b["iterations_in_deadline"] == int(5 // b["s_per_iteration"])
     assert 0 < rec["time_split"]["conv_share"] < 1
     assert big["conv_kernels_1000_s"] == pytest.approx(rec["time_split"]["conv_share"] * big["projected_1000_s"])
+    # the Winograd floor: conv2 and conv3 of the real side at the biggest batch (2 classes x 8)
+    wino = rec["winograd_floor"]
+    assert [(layer["size"], layer["images"], layer["channels"]) for layer in wino] == [(14, 16, 8), (7, 16, 8)]
+    assert wino[0]["flop_ratio"] == pytest.approx(2.25)  # 14x14 splits into 2x2 tiles exactly
+    assert wino[1]["flop_ratio"] == pytest.approx(49 * 9 / (16 * 16))  # 7x7 pads to 8x8 tiles
+    for layer in wino:
+        assert set(layer["gemm_s"]) == {"forward", "input_grad", "weight_grad"}
+        assert layer["floor_s"] == pytest.approx(sum(layer["gemm_s"].values()))
+        assert layer["saving_s"] == pytest.approx(max(0.0, layer["stock_s"] - layer["floor_s"]))
+    saving = 1000 * sum(layer["saving_s"] for layer in wino)
+    assert big["winograd_saving_1000_s"] == pytest.approx(saving)
+    assert big["projected_1000_s_winograd_floor"] == pytest.approx(big["projected_1000_s"] - saving)
 
 
 def test_make_synth_uses_the_batch(bound_module):
