@@ -20,11 +20,14 @@ compiled real side; ``init=real`` here, the init does not change the cost of an 
   bf16: it does the 3x3 layers' multiply-adds in 2.25x fewer FLOPs, as 16 matrix products per
   pass). For each 128 -> 128 layer of the real side at the biggest batch (conv2 at H/2, conv3 at
   H/4, input and weight gradients as the step needs them) it times the stock convolution's
-  forward + backward and the Winograd-domain matrix products alone (forward, input gradient,
-  weight gradient; batched or as 16 calls, whichever is faster). Those products are a floor for
-  any Winograd built on PyTorch's matrix multiply: the tile transforms (which move several times
-  the activation's bytes) come on top. ``projected_1000_s_winograd_floor`` = the measured 1000
-  iterations minus 1000 x (stock - floor) summed over the layers: an optimistic projection.
+  forward + backward, the Winograd-domain matrix products alone (forward, input gradient, weight
+  gradient; batched or as 16 calls, whichever is faster), and adds the least time the tile
+  transforms can take when built on PyTorch's matrix multiply: its operands must exist in memory,
+  so the four transforms (input tiles, output, output gradient, input gradient) read and write at
+  least ``2 x padded input + 2 x output + 4 x transformed tiles`` bytes, at this machine's measured
+  copy bandwidth. ``projected_1000_s_winograd_floor`` = the measured 1000 iterations minus
+  1000 x (stock - floor) summed over the layers: an optimistic projection (perfectly fused
+  transforms at full bandwidth, no other overhead).
 
 The record (kind ``study``, read by the leaderboard's Studies table) says for each batch the
 measured ``s_per_iteration``, ``projected_1000_s`` (1000 x that), ``bound_1000_s`` and whether
@@ -72,12 +75,23 @@ def make_synth(data: RealData, batch_real: int, *, bf16: bool, compile: bool, wi
     return synth, synth.init_set()
 
 
-def winograd_floor(n: int, channels: int, size: int, *, bf16: bool, repeats: int = 3) -> dict[str, Any]:
+def copy_gbps(mbytes: int = 512, repeats: int = 3) -> float:
+    """This machine's memory bandwidth in GB/s (bytes read + written, best of ``repeats`` copies of
+    an ``mbytes`` MB buffer): the rate a memory-bound transform can at best run at."""
+    src = torch.empty(mbytes * 2**20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: touch the pages
+    return 2 * src.numel() / min(timed(lambda: dst.copy_(src)) for _ in range(repeats)) / 1e9
+
+
+def winograd_floor(n: int, channels: int, size: int, *, bf16: bool, gbps: float,
+                   repeats: int = 3) -> dict[str, Any]:
     """Stock 3x3 convolution (``n`` images, ``channels`` in and out, ``size`` x ``size``, padding 1,
     channels-last as the step's real side runs it) forward + backward of input and weights, against
     the matrix products of the same three passes in the F(2x2, 3x3) Winograd domain: 16 products
     each of ``(T, C) @ (C, C)`` (forward and input gradient) and ``(C, T) @ (T, C)`` (weight
-    gradient) with ``T = n * ceil(size/2)^2`` tiles. Best of ``repeats`` timings of each."""
+    gradient) with ``T = n * ceil(size/2)^2`` tiles, plus the tile transforms' least memory traffic
+    at ``gbps`` (see the module docstring). Best of ``repeats`` timings of each."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, channels, size, size, generator=g).to(memory_format=torch.channels_last)
@@ -108,12 +122,20 @@ def winograd_floor(n: int, channels: int, size: int, *, bf16: bool, repeats: int
         gemm[name] = min(batched, looped)
     stock()  # warm-up
     stock_s = min(timed(stock) for _ in range(repeats))
-    floor_s = sum(gemm.values())
+    elem = 2 if bf16 else 4
+    t = (size + 1) // 2
+    padded, output, tiled = (n * channels * (2 * t + 2) ** 2 * elem, n * channels * size * size * elem,
+                             16 * tiles * channels * elem)
+    transform_bytes = 2 * padded + 2 * output + 4 * tiled
+    transform_s = transform_bytes / (gbps * 1e9)
+    floor_s = sum(gemm.values()) + transform_s
     direct_flops = 3 * 2 * n * size * size * channels * channels * 9
     winograd_flops = 3 * 2 * 16 * tiles * channels * channels
     return {"images": n, "channels": channels, "size": size, "stock_s": stock_s, "gemm_s": gemm,
+            "transform_bytes": transform_bytes, "transform_s": transform_s,
             "floor_s": floor_s, "saving_s": max(0.0, stock_s - floor_s),
-            "stock_gflops": direct_flops / stock_s / 1e9, "gemm_gflops": winograd_flops / floor_s / 1e9,
+            "stock_gflops": direct_flops / stock_s / 1e9,
+            "gemm_gflops": winograd_flops / sum(gemm.values()) / 1e9,
             "flop_ratio": direct_flops / winograd_flops}
 
 
@@ -154,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     split = time_split(runs[f"batch{max(args.batches)}"])
     size = data.spec.im_size[-1]
     n_top = data.spec.num_classes * max(args.batches)
-    wino = [winograd_floor(n_top, args.width, s, bf16=bf16) for s in (size // 2, size // 4)]
+    gbps = copy_gbps()
+    wino = [winograd_floor(n_top, args.width, s, bf16=bf16, gbps=gbps) for s in (size // 2, size // 4)]
 
     per_batch: dict[str, Any] = {}
     for b in args.batches:
@@ -185,12 +208,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for layer in wino:
         print(f"Winograd F(2x2,3x3) at {layer['size']}x{layer['size']}, {layer['images']} images: stock conv "
               f"fwd+bwd {layer['stock_s']:.3f} s, its Winograd-domain matrix products alone "
-              f"{layer['floor_s']:.3f} s ({layer['gemm_gflops']:.0f} GFLOP/s, {layer['flop_ratio']:.2f}x fewer FLOPs)")
+              f"{sum(layer['gemm_s'].values()):.3f} s ({layer['gemm_gflops']:.0f} GFLOP/s, {layer['flop_ratio']:.2f}x "
+              f"fewer FLOPs) + tile transforms >= {layer['transform_s']:.3f} s ({layer['transform_bytes'] / 1e6:.0f} MB "
+              f"at {gbps:.0f} GB/s)")
     note = (f"batch {max(args.batches)}: 1000 iterations take {top['projected_1000_s']:.0f} s measured, "
             f"{top['conv_kernels_1000_s']:.0f} s of them in convolution kernels, and >= "
             f"{top['bound_1000_s']:.0f} s if every FLOP ran at this CPU's best convolution rate "
-            f"({best:.0f} GFLOP/s) and nothing else cost time; a Winograd convolution with free tile "
-            f"transforms would save at most {top['winograd_saving_1000_s']:.0f} s of them "
+            f"({best:.0f} GFLOP/s) and nothing else cost time; a Winograd convolution (its matrix "
+            f"products plus tile transforms at full memory bandwidth) would save at most {top['winograd_saving_1000_s']:.0f} s of them "
             f"({top['projected_1000_s_winograd_floor']:.0f} s); the deadline is {args.deadline:.0f} s")
     result: dict[str, Any] = {
         "schema": 1,
@@ -206,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "best_conv_gflops": best,
         "time_split": split,
         "winograd_floor": wino,
+        "copy_gbps": gbps,
         "deadline_s": args.deadline,
         "note": note,
         "setting": {"batches": args.batches, "repeats": args.repeats, "bf16": bf16, "compile": compile,

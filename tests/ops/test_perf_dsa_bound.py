@@ -47,7 +47,11 @@ def test_dsa_budget_bound_tiny(bound_module, tmp_path):
     assert wino[1]["flop_ratio"] == pytest.approx(49 * 9 / (16 * 16))  # 7x7 pads to 8x8 tiles
     for layer in wino:
         assert set(layer["gemm_s"]) == {"forward", "input_grad", "weight_grad"}
-        assert layer["floor_s"] == pytest.approx(sum(layer["gemm_s"].values()))
+        t = (layer["size"] + 1) // 2  # 2x2 output tiles per side; 4x4 input tiles at stride 2
+        elems = 2 * 16 * 8 * (2 * t + 2) ** 2 + 2 * 16 * 8 * layer["size"] ** 2 + 4 * 16 * 16 * t * t * 8
+        assert layer["transform_bytes"] == 4 * elems  # fp32 here
+        assert layer["transform_s"] == pytest.approx(layer["transform_bytes"] / (rec["copy_gbps"] * 1e9))
+        assert layer["floor_s"] == pytest.approx(sum(layer["gemm_s"].values()) + layer["transform_s"])
         assert layer["saving_s"] == pytest.approx(max(0.0, layer["stock_s"] - layer["floor_s"]))
     saving = 1000 * sum(layer["saving_s"] for layer in wino)
     assert big["winograd_saving_1000_s"] == pytest.approx(saving)
