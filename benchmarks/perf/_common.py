@@ -127,13 +127,17 @@ def counted_flops(fn: Callable[[], object]) -> int:
 
 
 def conv_gflops(*, bf16: bool, backward: bool = False, batch: int = 256, channels: int = 128, size: int = 16,
-                repeats: int = 5) -> float:
+                repeats: int = 5, channels_last: bool = False) -> float:
     """This machine's GFLOP/s (best of ``repeats`` calls) on the convolution that dominates a
     ConvNet-3 step on 28x28 images (the second 3x3 layer, ``channels`` in and out at ``size`` x
     ``size``; the first layer pads 28 to 32): its forward, or with ``backward`` the gradients of
-    its input and weights together (twice the forward's FLOPs); under bf16 autocast when ``bf16``."""
+    its input and weights together (twice the forward's FLOPs); under bf16 autocast when ``bf16``;
+    the input in channels-last layout when ``channels_last``."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, channels, size, size, generator=g, requires_grad=backward)
+    x = torch.randn(batch, channels, size, size, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(backward)
     w = torch.randn(channels, channels, 3, 3, generator=g, requires_grad=backward)
     flops = 2 * batch * channels * size * size * channels * 9
     if backward:

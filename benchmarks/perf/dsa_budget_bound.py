@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from _common import (  # noqa: I001  (sibling module of this script)
     alternate,
     conv_gflops,
@@ -87,25 +86,14 @@ def copy_gbps(mbytes: int = 512, repeats: int = 3) -> float:
 def winograd_floor(n: int, channels: int, size: int, *, bf16: bool, gbps: float,
                    repeats: int = 3) -> dict[str, Any]:
     """Stock 3x3 convolution (``n`` images, ``channels`` in and out, ``size`` x ``size``, padding 1,
-    channels-last as the step's real side runs it) forward + backward of input and weights, against
-    the matrix products of the same three passes in the F(2x2, 3x3) Winograd domain: 16 products
+    channels-last as the step's real side runs it; :func:`conv_gflops`' best forward plus best
+    backward of input and weights) against the matrix products of the same three passes in the
+    F(2x2, 3x3) Winograd domain: 16 products
     each of ``(T, C) @ (C, C)`` (forward and input gradient) and ``(C, T) @ (T, C)`` (weight
     gradient) with ``T = n * ceil(size/2)^2`` tiles, plus the tile transforms' least memory traffic
     at ``gbps`` (see the module docstring). Best of ``repeats`` timings of each."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, channels, size, size, generator=g).to(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    w = torch.randn(channels, channels, 3, 3, generator=g, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        y = F.conv2d(x, w, padding=1)
-    gy = torch.randn_like(y)
-
-    def stock() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = F.conv2d(x, w, padding=1)
-        torch.autograd.grad(out, (x, w), gy)
-
     tiles = n * ((size + 1) // 2) ** 2
     v = torch.randn(16, tiles, channels, generator=g).to(dtype)  # transformed input tiles
     u = torch.randn(16, channels, channels, generator=g).to(dtype)  # transformed kernel
@@ -120,8 +108,11 @@ def winograd_floor(n: int, channels: int, size: int, *, bf16: bool, gbps: float,
         batched = min(timed(lambda a=a, b=b: torch.bmm(a, b)) for _ in range(repeats))
         looped = min(timed(lambda a=a, b=b: [a[i] @ b[i] for i in range(16)]) for _ in range(repeats))
         gemm[name] = min(batched, looped)
-    stock()  # warm-up
-    stock_s = min(timed(stock) for _ in range(repeats))
+    forward_flops = 2 * n * size * size * channels * channels * 9  # each gradient costs as much again
+    direct_flops = 3 * forward_flops
+    fwd, bwd = (conv_gflops(bf16=bf16, backward=b, batch=n, channels=channels, size=size, repeats=repeats,
+                            channels_last=True) for b in (False, True))
+    stock_s = forward_flops / (fwd * 1e9) + 2 * forward_flops / (bwd * 1e9)
     elem = 2 if bf16 else 4
     t = (size + 1) // 2
     padded, output, tiled = (n * channels * (2 * t + 2) ** 2 * elem, n * channels * size * size * elem,
@@ -129,7 +120,6 @@ def winograd_floor(n: int, channels: int, size: int, *, bf16: bool, gbps: float,
     transform_bytes = 2 * padded + 2 * output + 4 * tiled
     transform_s = transform_bytes / (gbps * 1e9)
     floor_s = sum(gemm.values()) + transform_s
-    direct_flops = 3 * 2 * n * size * size * channels * channels * 9
     winograd_flops = 3 * 2 * 16 * tiles * channels * channels
     return {"images": n, "channels": channels, "size": size, "stock_s": stock_s, "gemm_s": gemm,
             "transform_bytes": transform_bytes, "transform_s": transform_s,
