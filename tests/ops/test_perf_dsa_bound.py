@@ -63,3 +63,24 @@ def test_make_synth_uses_the_batch(bound_module):
     synth, syn = bound_module.make_synth(data, 16, bf16=False, compile=False, width=8)
     assert synth.cfg.batch_real == 16 and synth.cfg.dsa and synth.ctx.ipc == 1
     assert syn.images.shape[0] == data.spec.num_classes
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_gflops_layout(bound_module, monkeypatch, channels_last):
+    """``channels_last`` reaches the timed convolution (the Winograd floor's stock side runs the
+    step's layout), forward and backward."""
+    import torch
+
+    seen = []
+    conv2d = torch.nn.functional.conv2d
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return conv2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    for backward in (False, True):
+        rate = bound_module.conv_gflops(bf16=False, backward=backward, batch=2, channels=4, size=6, repeats=1,
+                                        channels_last=channels_last)
+        assert rate > 0
+    assert seen and all(s == channels_last for s in seen)
