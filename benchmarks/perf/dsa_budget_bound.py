@@ -18,8 +18,9 @@ compiled real side; ``init=real`` here, the init does not change the cost of an 
 - profiles one iteration of the biggest batch: the share of its time inside convolutions;
 - bounds what a Winograd convolution could save (F(2x2, 3x3), the variant that is accurate in
   bf16: it does the 3x3 layers' multiply-adds in 2.25x fewer FLOPs, as 16 matrix products per
-  pass). For each 128 -> 128 layer of the real side at the biggest batch (conv2 at H/2, conv3 at
-  H/4, input and weight gradients as the step needs them) it times the stock convolution's
+  pass). For each 128 -> 128 layer of the real side at the biggest batch (conv2 and conv3 at the
+  map sizes a forward pass of the matching network shows: 16x16 and 8x8 for 28x28 images, whose
+  first conv pads by 3; input and weight gradients as the step needs them) it times the stock convolution's
   forward + backward, the Winograd-domain matrix products alone (forward, input gradient, weight
   gradient; batched or as 16 calls, whichever is faster), and adds the least time the tile
   transforms can take when built on PyTorch's matrix multiply: its operands must exist in memory,
@@ -81,6 +82,27 @@ def copy_gbps(mbytes: int = 512, repeats: int = 3) -> float:
     dst = torch.empty_like(src)
     dst.copy_(src)  # warm-up: touch the pages
     return 2 * src.numel() / min(timed(lambda: dst.copy_(src)) for _ in range(repeats)) / 1e9
+
+
+def square_conv_sizes(synth: DSAGradientMatching, images: torch.Tensor) -> list[int]:
+    """Input map sizes of the matching network's ``width -> width`` 3x3 convolutions (ConvNet-3:
+    conv2 and conv3), read off a forward pass of ``images`` through a network from the
+    synthesizer's own factory. Not ``H/2, H/4``: for 28x28 inputs the first conv pads by 3 (the
+    classic zoo's 32x32 maps), so Fashion-MNIST's run at 16x16 and 8x8."""
+    model = synth.ctx.make_model()
+    sizes: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[-1]))
+             for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels == m.out_channels]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not sizes:
+        raise RuntimeError(f"no square 3x3 convolution ran in {type(model).__name__}'s forward")
+    return sizes
 
 
 def winograd_floor(n: int, channels: int, size: int, *, bf16: bool, gbps: float,
@@ -164,10 +186,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              for name, bwd in (("forward", False), ("backward", True))}
     best = max(rates.values())
     split = time_split(runs[f"batch{max(args.batches)}"])
-    size = data.spec.im_size[-1]
+    sizes = square_conv_sizes(synths[max(args.batches)][0], data.train_images[:1])
     n_top = data.spec.num_classes * max(args.batches)
     gbps = copy_gbps()
-    wino = [winograd_floor(n_top, args.width, s, bf16=bf16, gbps=gbps) for s in (size // 2, size // 4)]
+    wino = [winograd_floor(n_top, args.width, s, bf16=bf16, gbps=gbps) for s in sizes]
 
     per_batch: dict[str, Any] = {}
     for b in args.batches:

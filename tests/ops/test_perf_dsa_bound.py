@@ -42,9 +42,9 @@ def test_dsa_budget_bound_tiny(bound_module, tmp_path):
     assert big["conv_kernels_1000_s"] == pytest.approx(rec["time_split"]["conv_share"] * big["projected_1000_s"])
     # the Winograd floor: conv2 and conv3 of the real side at the biggest batch (2 classes x 8)
     wino = rec["winograd_floor"]
-    assert [(layer["size"], layer["images"], layer["channels"]) for layer in wino] == [(14, 16, 8), (7, 16, 8)]
-    assert wino[0]["flop_ratio"] == pytest.approx(2.25)  # 14x14 splits into 2x2 tiles exactly
-    assert wino[1]["flop_ratio"] == pytest.approx(49 * 9 / (16 * 16))  # 7x7 pads to 8x8 tiles
+    # 28x28 images: the first conv pads by 3, so conv2 / conv3 run at 16x16 / 8x8 (not 14 / 7)
+    assert [(layer["size"], layer["images"], layer["channels"]) for layer in wino] == [(16, 16, 8), (8, 16, 8)]
+    assert all(layer["flop_ratio"] == pytest.approx(2.25) for layer in wino)  # even sizes: exact 2x2 tiles
     for layer in wino:
         assert set(layer["gemm_s"]) == {"forward", "input_grad", "weight_grad"}
         t = (layer["size"] + 1) // 2  # 2x2 output tiles per side; 4x4 input tiles at stride 2
@@ -63,6 +63,23 @@ def test_make_synth_uses_the_batch(bound_module):
     synth, syn = bound_module.make_synth(data, 16, bf16=False, compile=False, width=8)
     assert synth.cfg.batch_real == 16 and synth.cfg.dsa and synth.ctx.ipc == 1
     assert syn.images.shape[0] == data.spec.num_classes
+
+
+@pytest.mark.parametrize(("im_size", "expected"), [((28, 28), [16, 8]), ((32, 32), [16, 8]), ((20, 20), [10, 5])])
+def test_square_conv_sizes_follow_the_network(bound_module, im_size, expected):
+    """The Winograd floor's layer sizes are what the matching network runs (28x28 inputs are padded
+    to 32x32 maps by the first conv), read off a forward pass, not derived from the image size."""
+    import dataclasses
+
+    import torch
+
+    data, _ = bound_module.load_data("no_such_dataset_here")
+    spec = dataclasses.replace(data.spec, im_size=im_size)
+    k = data.spec.num_classes
+    images = torch.zeros(k, data.spec.channels, *im_size)
+    data = dataclasses.replace(data, spec=spec, train_images=images, train_labels=torch.arange(k))
+    synth, _ = bound_module.make_synth(data, 1, bf16=False, compile=False, width=8)
+    assert bound_module.square_conv_sizes(synth, images[:1]) == expected
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
