@@ -59,6 +59,7 @@ from _common import (  # noqa: I001  (sibling module of this script)
     write_record,
 )
 
+from condense.ops.features import capture_features
 from condense.runtime import keep_freed_memory
 from condense.synth.gradient_matching import DSAGradientMatching
 from condense.types import RealData, SyntheticSet
@@ -85,24 +86,18 @@ def copy_gbps(mbytes: int = 512, repeats: int = 3) -> float:
 
 
 def square_conv_sizes(synth: DSAGradientMatching, images: torch.Tensor) -> list[int]:
-    """Input map sizes of the matching network's ``width -> width`` 3x3 convolutions (ConvNet-3:
-    conv2 and conv3), read off a forward pass of ``images`` through a network from the
-    synthesizer's own factory. Not ``H/2, H/4``: for 28x28 inputs the first conv pads by 3 (the
-    classic zoo's 32x32 maps), so Fashion-MNIST's run at 16x16 and 8x8."""
+    """Map sizes of the matching network's ``width -> width`` 3x3 convolutions (ConvNet-3: conv2
+    and conv3; padding 1, so input and output sizes agree), read off a forward pass of ``images``
+    through a network from the synthesizer's own factory. Not ``H/2, H/4``: for 28x28 inputs the
+    first conv pads by 3 (the classic zoo's 32x32 maps), so Fashion-MNIST's run at 16x16 and 8x8."""
     model = synth.ctx.make_model()
-    sizes: list[int] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[-1]))
-             for m in model.modules()
+    convs = [m for m in model.modules()
              if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels == m.out_channels]
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        for h in hooks:
-            h.remove()
-    if not sizes:
+    with torch.no_grad(), capture_features(model, convs) as maps:
+        model(images)
+    if not maps:
         raise RuntimeError(f"no square 3x3 convolution ran in {type(model).__name__}'s forward")
-    return sizes
+    return [m.shape[-1] for m in maps]
 
 
 def winograd_floor(n: int, channels: int, size: int, *, bf16: bool, gbps: float,
