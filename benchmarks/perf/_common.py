@@ -167,22 +167,16 @@ def conv_peak_gflops(batch: int = 256, channels: int = 128, size: int = 16, repe
 
 
 def synth_context(data: RealData, *, ipc: int, width: int, seed: int, augment: bool) -> SynthContext:
-    """A CPU synthesis context on ConvNet-3 of ``width`` with its own generator (``seed``) and,
-    with ``augment``, the dataset's DSA strategy: what every perf script's synthesizers run in."""
-    from condense.augment import DSA, default_strategy
-    from condense.data import ClassIndex
+    """The CLI's synthesis context (:func:`condense.cli.build.synth_context`: class index, seeded
+    generator, the dataset's DSA strategy) on the CPU for ConvNet-3 of ``width``, without the
+    augmentation unless ``augment``: what every perf script's synthesizers run in."""
+    from omegaconf import OmegaConf
 
-    return SynthContext(
-        data=data,
-        index=ClassIndex(data.train_labels, data.spec.num_classes),
-        ipc=ipc,
-        seed=seed,
-        device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(seed),
-        model_name="convnet",
-        model_kwargs={"width": width},
-        augment=DSA(strategy=default_strategy(data.spec.name)) if augment else None,
-    )
+    from condense.cli.build import synth_context as cli_synth_context
+
+    cfg = OmegaConf.create({"seed": seed, "ipc": ipc, "model": {"name": "convnet", "kwargs": {"width": width}}})
+    ctx = cli_synth_context(cfg, data, torch.device("cpu"))
+    return ctx if augment else dataclasses.replace(ctx, augment=None)
 
 
 def flop_rates(flops: int, medians: dict[str, float], peak: dict[str, float]) -> dict[str, Any]:
