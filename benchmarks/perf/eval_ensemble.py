@@ -17,9 +17,9 @@ import torch
 from _common import provenance, variant_table, write_record  # noqa: I001  (sibling module of this script)
 
 from condense.augment import DSA
-from condense.eval.train import TrainConfig, train_classifiers
 from condense.models import create_model
 from condense.runtime import keep_freed_memory
+from condense.train import FitConfig, fit
 
 
 def main() -> None:
@@ -44,10 +44,9 @@ def main() -> None:
         return create_model("convnet", 1, 10, (28, 28), generator=gen)
 
     def timed(vectorize: bool, bf16: bool = False) -> float:
-        cfg = TrainConfig(epochs=epochs, batch_size=256, bf16=bf16)
+        cfg = FitConfig(epochs=epochs, batch_size=256, bf16=bf16)
         t = time.perf_counter()
-        train_classifiers(make, x, y, list(range(a.models)), cfg, augment=lambda b, gg: dsa(b, gg),
-                          vectorize=vectorize)
+        fit(make, (x, y), cfg, seeds=list(range(a.models)), augment=dsa, vectorize=vectorize)
         return time.perf_counter() - t
 
     timed(True)  # warm-up

@@ -17,11 +17,15 @@ from typing import Any
 import torch
 
 from condense.errors import ConfigError
-from condense.eval.train import TrainConfig, ensemble_accuracy, train_classifiers
 from condense.provenance import write_json_atomic
+from condense.train import FitConfig, accuracy, fit
 from condense.types import EvalReport, RealData, SyntheticSet
 
 log = logging.getLogger(__name__)
+
+#: The protocol's learning-rate schedule (METHODS.md): x0.1 once, at half the epochs.
+LR_DECAY_AT = 0.5
+LR_DECAY_FACTOR = 0.1
 
 
 @dataclass
@@ -108,10 +112,26 @@ class Evaluator:
 
         return make
 
-    def _train_cfg(self, lr: float) -> TrainConfig:
+    def _train_cfg(self, lr: float) -> FitConfig:
+        """The protocol as a training-engine config: SGD, lr x0.1 once at half the epochs."""
         c = self.cfg
-        return TrainConfig(epochs=c.epochs, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                           batch_size=c.batch_size, soft_temperature=c.soft_temperature, bf16=c.bf16)
+        return FitConfig(epochs=c.epochs, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                         batch_size=c.batch_size, schedule="step", milestones=[LR_DECAY_AT],
+                         gamma=LR_DECAY_FACTOR, temperature=c.soft_temperature, bf16=c.bf16)
+
+    def train(self, arch: str, images: torch.Tensor, targets: torch.Tensor, seeds: list[int],
+              lr: float, *, vectorize: bool | None = None) -> list[torch.nn.Module]:
+        """Fresh ``arch`` models (one per seed) trained on ``images``/``targets`` under the protocol.
+
+        Returns:
+            The trained modules (in eval mode).
+        """
+        vec = self.vectorize if vectorize is None else vectorize
+        result = fit(self._make_model(arch), (images, targets), self._train_cfg(float(lr)), seeds=seeds,
+                     augment=self._augment_fn(), vectorize=vec)
+        for m in result.models:
+            m.eval()
+        return result.models
 
     def _augment_fn(self):  # noqa: ANN202
         if self._augment is None:
@@ -139,10 +159,9 @@ class Evaluator:
         vx, vy = self._val_split()
         scores = {}
         for lr in self.cfg.select_lr:
-            ens = train_classifiers(self._make_model(arch), images, targets, [self.cfg.seed * 1000 + 999],
-                                    self._train_cfg(float(lr)), augment=self._augment_fn(),
-                                    vectorize=False)
-            scores[float(lr)] = ensemble_accuracy(ens, vx, vy)[0]
+            models = self.train(arch, images, targets, [self.cfg.seed * 1000 + 999], float(lr),
+                                vectorize=False)
+            scores[float(lr)] = accuracy(models, vx, vy)[0]
         best = max(scores, key=lambda k: scores[k])
         return best, {"candidates": scores, "chosen": best, "on": f"{vx.shape[0]} real training images"}
 
@@ -169,11 +188,9 @@ class Evaluator:
             if c.select_lr:
                 lr, selection[arch] = self._select_lr(arch, images, targets)
             seeds = [c.seed * 1000 + i for i in range(c.num_models)]
-            ens = train_classifiers(self._make_model(arch), images, targets, seeds,
-                                    self._train_cfg(float(lr)), augment=self._augment_fn(),
-                                    vectorize=self.vectorize)
+            models = self.train(arch, images, targets, seeds, float(lr))
             tx, ty = self._test_split()
-            accs = ensemble_accuracy(ens, tx, ty, bf16=c.bf16)
+            accs = accuracy(models, tx, ty, bf16=c.bf16, vectorize=self.vectorize)
             for s, a in zip(seeds, accs, strict=True):
                 runs.append({"arch": arch, "seed": s, "epochs": c.epochs, "lr": float(lr),
                              "test_acc": round(a, 4)})
@@ -183,7 +200,7 @@ class Evaluator:
                 "n": len(accs),
             }
             if val is not None:
-                vaccs = ensemble_accuracy(ens, *val, bf16=c.bf16)
+                vaccs = accuracy(models, *val, bf16=c.bf16, vectorize=self.vectorize)
                 for run, a in zip(runs[-len(vaccs):], vaccs, strict=True):
                     run["val_acc"] = round(a, 4)
                 summary[arch]["val_mean"] = round(statistics.fmean(vaccs), 4)
@@ -191,7 +208,7 @@ class Evaluator:
             log.info("eval %s: %.2f +- %.2f (n=%d)", arch, summary[arch]["mean"], summary[arch]["std"], len(accs))
         protocol = {**dataclasses.asdict(c), "train_size": int(images.shape[0]),
                     "test_images": int(self._test_split()[0].shape[0]),
-                    "lr_decay_at": self._train_cfg(c.lr).lr_decay_at, "lr_decay_factor": 0.1,
+                    "lr_decay_at": LR_DECAY_AT, "lr_decay_factor": LR_DECAY_FACTOR,
                     "labels": "soft" if targets.dim() == 2 else "hard",
                     "learned_lr": learned_lr, "lr_selection": selection or None,
                     "vectorized": self.vectorize,

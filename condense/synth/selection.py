@@ -66,8 +66,8 @@ def _cache_key(ctx: SynthContext, cfg: FeatureNetConfig) -> str:
 
 def trained_feature_net(ctx: SynthContext, cfg: FeatureNetConfig) -> nn.Module:
     """A network trained ``feature_epochs`` on the real data; loaded from the cache if present."""
-    from condense.eval.train import TrainConfig, train_classifiers
     from condense.models import create_model
+    from condense.train import FitConfig, fit
 
     spec = ctx.spec
 
@@ -90,11 +90,10 @@ def trained_feature_net(ctx: SynthContext, cfg: FeatureNetConfig) -> nn.Module:
         g.manual_seed(ctx.seed)
         idx = ctx.index.sample(min(per, ctx.index.min_count), g).reshape(-1)
         x, y = x[idx], y[idx]
-    tcfg = TrainConfig(epochs=cfg.feature_epochs, lr=cfg.feature_lr, lr_decay_at=1.0)
+    tcfg = FitConfig(epochs=cfg.feature_epochs, lr=cfg.feature_lr, schedule="constant")
     log.info("training the feature network (%s, %d epochs on %d images)", cfg.feature_model,
              cfg.feature_epochs, x.shape[0])
-    ens = train_classifiers(make, x, y, [ctx.seed], tcfg, vectorize=False)
-    model = ens.models[0].eval()
+    model = fit(make, (x, y), tcfg, seeds=[ctx.seed]).models[0].eval()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from condense.errors import ConfigError, UnknownNameError
-from condense.eval import EvalConfig, Evaluator, TrainConfig, ensemble_accuracy, train_classifiers
+from condense.eval import EvalConfig, Evaluator
 from condense.models import create_model
+from condense.train import accuracy
 from condense.types import SetMeta, SyntheticSet
 
 
@@ -19,46 +20,6 @@ def _maker(data, **kw):
 
 def _flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
-def test_vectorized_training_equals_sequential(tiny_data):
-    """K models trained as one vmapped model == the same K models trained one by one.
-
-    In float64: in float32 the two summation orders drift apart over four epochs by an amount
-    that depends on the CPU's SIMD width (a CI machine showed 3e-4), which is not what this
-    test is about.
-    """
-    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05)
-    x, y = tiny_data.train_images.double(), tiny_data.train_labels
-    from condense.augment import DSA
-
-    dsa = DSA()
-    aug = lambda xb, g: dsa(xb, g)  # noqa: E731
-
-    def make64(g):
-        return _maker(tiny_data)(g).double()
-
-    vec = train_classifiers(make64, x, y, [0, 1, 2], cfg, augment=aug, vectorize=True)
-    seq = train_classifiers(make64, x, y, [0, 1, 2], cfg, augment=aug, vectorize=False)
-    assert vec.vectorize and not seq.vectorize
-    for k in range(3):
-        stacked = torch.cat([p[k].detach().flatten() for p in vec.params.values()])
-        assert stacked.dtype == torch.float64
-        torch.testing.assert_close(stacked, _flat(seq.models[k]), rtol=1e-9, atol=1e-11)
-    a_vec = ensemble_accuracy(vec, tiny_data.test_images.double(), tiny_data.test_labels)
-    a_seq = ensemble_accuracy(seq, tiny_data.test_images.double(), tiny_data.test_labels)
-    assert a_vec == a_seq
-
-
-def test_batchnorm_falls_back_to_sequential(tiny_data):
-    s = tiny_data.spec
-
-    def make(g):
-        return create_model("convnet_bn", s.channels, s.num_classes, s.im_size, generator=g, width=8, depth=2)
-
-    ens = train_classifiers(make, tiny_data.train_images, tiny_data.train_labels, [0, 1],
-                            TrainConfig(epochs=1, batch_size=32), vectorize=True)
-    assert not ens.vectorize
 
 
 def test_evaluator_learns_separable_data_and_reports(tiny_data):
@@ -122,3 +83,16 @@ def test_bad_config_errors(tiny_data):
     syn = SyntheticSet(images=tiny_data.train_images[:4], labels=tiny_data.train_labels[:4], meta=other)
     with pytest.raises(ConfigError, match="dataset"):
         Evaluator(EvalConfig(num_models=1, epochs=1), tiny_data).evaluate(syn)
+
+
+def test_evaluator_trains_through_the_engine_and_its_modules_score_the_report(tiny_data):
+    """The evaluator's numbers are the engine's trained modules' accuracies, vectorized or not."""
+    for vec in (False, True):
+        cfg = EvalConfig(num_models=2, epochs=3, dsa=True, vectorize=vec, model_kwargs={"width": 8, "depth": 2})
+        ev = Evaluator(cfg, tiny_data)
+        x, y = tiny_data.train_images[::3], tiny_data.train_labels[::3]
+        rep = ev.evaluate_tensors(x, y)
+        models = ev.train("convnet", x, y, [0, 1], cfg.lr)
+        assert [r["test_acc"] for r in rep.runs] == [round(a, 4) for a in
+                                                     accuracy(models, tiny_data.test_images, tiny_data.test_labels)]
+        assert rep.protocol["vectorized"] is vec
