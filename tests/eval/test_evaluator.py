@@ -3,23 +3,8 @@ import torch
 
 from condense.errors import ConfigError, UnknownNameError
 from condense.eval import EvalConfig, Evaluator
-from condense.models import create_model
 from condense.train import accuracy
 from condense.types import SetMeta, SyntheticSet
-
-
-def _maker(data, **kw):
-    s = data.spec
-
-    def make(g):
-        return create_model("convnet", s.channels, s.num_classes, s.im_size, generator=g,
-                            width=8, depth=2, **kw)
-
-    return make
-
-
-def _flat(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def test_evaluator_learns_separable_data_and_reports(tiny_data):
