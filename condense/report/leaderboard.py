@@ -31,6 +31,7 @@ from condense.report.records import (
     cell_key,
     load_results,
     method_label,
+    prepare_s,
 )
 from condense.report.scores import FORMULA as SCORE_FORMULA
 from condense.report.scores import LRS_WEIGHT, hlr, ior, lrs
@@ -246,7 +247,7 @@ def accuracy_table(sec: Section) -> Table:
 
 
 def score_rows(sec: Section) -> list[dict[str, Any]]:
-    """Per (method, ipc): accuracy, HLR, IOR, LRS, distillation minutes (None where missing)."""
+    """Per (method, ipc): accuracy, HLR, IOR, LRS, distillation and prepare minutes (None where missing)."""
     out = []
     whole = sec.whole.mean if sec.whole is not None else None
     for label in sec.labels:
@@ -258,19 +259,21 @@ def score_rows(sec: Section) -> list[dict[str, Any]]:
             h = hlr(whole, cell.mean)
             i = ior(cell.mean, rnd.mean if rnd is not None else None)
             out.append({"label": label, "ipc": k, "cell": cell, "hlr": h, "ior": i, "lrs": lrs(h, i),
-                        "minutes": None if cell.distill_s is None else cell.distill_s / 60.0})
+                        "minutes": None if cell.distill_s is None else cell.distill_s / 60.0,
+                        "prepare_minutes": None if cell.prepare_s is None else cell.prepare_s / 60.0})
     return out
 
 
 def score_table(sec: Section, ids: dict[str, str]) -> Table:
-    """Scores per (method, ipc), with distillation minutes, iterations, seeds and the machine(s) (ids)."""
-    header = ["method", "ipc", "accuracy", "HLR ↓", "IOR ↑", "LRS ↑", "distill (min)", "iterations", "seeds",
-              "machine"]
+    """Scores per (method, ipc), with distillation and prepare minutes, iterations, seeds and the
+    machine(s) (ids)."""
+    header = ["method", "ipc", "accuracy", "HLR ↓", "IOR ↑", "LRS ↑", "distill (min)", "prepare (min)",
+              "iterations", "seeds", "machine"]
     rows = []
     for s in score_rows(sec):
         c: Cell = s["cell"]
         rows.append([s["label"], str(s["ipc"]), fmt_acc(c), fmt_num(s["hlr"]), fmt_num(s["ior"], signed=True),
-                     fmt_num(s["lrs"]), fmt_num(s["minutes"], 1),
+                     fmt_num(s["lrs"]), fmt_num(s["minutes"], 1), fmt_num(s["prepare_minutes"], 1),
                      DASH if c.iterations is None else str(c.iterations), ", ".join(map(str, c.seeds)),
                      record_machines(c.records, ids)])
     return Table(header, rows)
@@ -391,9 +394,10 @@ def ablation_table(recs: list[dict[str, Any]], ids: dict[str, str],
                          f"{record_machines([cell], ids)})"
         rows.append([r["dataset"], r["budget"], method_label(r["method"], bool(r.get("flip"))), str(r["ipc"]),
                      r["tag"], ablation_changes(r, cell), acc, fmt_num(dist.get("wall_s"), 0),
-                     str(dist.get("iterations", DASH)), record_machines([r], ids), cell_text])
-    return Table(["dataset", "budget", "method", "ipc", "tag", "changed", "accuracy", "distill s", "iterations",
-                  "machine", "budget cell"], rows, align="lllrllrrrll")
+                     fmt_num(prepare_s([r]), 0), str(dist.get("iterations", DASH)), record_machines([r], ids),
+                     cell_text])
+    return Table(["dataset", "budget", "method", "ipc", "tag", "changed", "accuracy", "distill s", "prepare s",
+                  "iterations", "machine", "budget cell"], rows, align="lllrllrrrrll")
 
 
 def _section_blocks(sec: Section, figures_dir: Path, ids: dict[str, str]) -> list[object]:
@@ -422,7 +426,11 @@ def _section_blocks(sec: Section, figures_dir: Path, ids: dict[str, str]) -> lis
                          f"distill (min): distillation wall-clock minutes from the records' `distill.wall_s` "
                          f"(mean over seeds) on the machine(s) of the last column (ids: see Machines and code "
                          f"above; a wall-clock budget reaches more iterations on a faster machine); evaluation "
-                         f"time excluded.")]
+                         f"time excluded. prepare (min): the time spent obtaining teachers or expert "
+                         f"trajectories before the distillation clock started (`prepare.wall_s`; the longest "
+                         f"over the seeds, i.e. the cold run that trained them where one did; later runs load "
+                         f"them from the cache), {DASH} for methods and records without a prepare phase; a "
+                         f"cold run costs distill + prepare.")]
     tag = f"{_safe(sec.dataset)}-{_safe(sec.budget)}"
     cells = list(sec.cells.values())
     figures_dir.mkdir(parents=True, exist_ok=True)

@@ -176,6 +176,7 @@ class Cell:
     distill_s: float | None  # mean distillation wall time over the seeds
     iterations: int | None  # iterations reached (minimum over seeds)
     records: list[dict[str, Any]]
+    prepare_s: float | None = None  # longest prepare phase over the seeds (None: no record has one)
 
 
 def first_arch(rec: dict[str, Any]) -> str:
@@ -221,8 +222,22 @@ def aggregate(records: list[dict[str, Any]]) -> dict[CellKey, Cell]:
         its = [int(r["distill"]["iterations"]) for r in recs
                if isinstance(r.get("distill"), dict) and isinstance(r["distill"].get("iterations"), int)]
         cells[key] = Cell(key, arch, mean, std, n, [int(r["seed"]) for r in recs],
-                          sum(walls) / len(walls) if walls else None, min(its) if its else None, recs)
+                          sum(walls) / len(walls) if walls else None, min(its) if its else None, recs,
+                          prepare_s(recs))
     return cells
+
+
+def prepare_s(recs: list[dict[str, Any]]) -> float | None:
+    """The longest ``prepare.wall_s`` (teachers / experts, off the distillation clock) of ``recs``.
+
+    The longest, not the mean: the first seed of a cell usually trains the teachers (a cold run)
+    and the later ones load them from the cache, and the cold cost is the one a reader needs.
+    ``None`` when no record has a ``prepare`` block (records written before that phase existed,
+    and methods without one).
+    """
+    vals = [float(r["prepare"]["wall_s"]) for r in recs
+            if isinstance(r.get("prepare"), dict) and _is_num(r["prepare"].get("wall_s"))]
+    return max(vals) if vals else None
 
 
 def run_dir_of(rec: dict[str, Any]) -> Path | None:

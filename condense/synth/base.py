@@ -94,6 +94,16 @@ class Synthesizer(abc.ABC):
     def iterations(self) -> int:
         return int(getattr(self.cfg, "iterations", 0))
 
+    def prepare(self) -> None:
+        """Obtain what the method needs before distillation starts (teachers, expert trajectories).
+
+        Runs once per run, before :meth:`init_set`, also when a run resumes. Its wall time is kept
+        apart (``RunResult.prepare_s``): it is neither distillation time nor part of a wall-clock
+        budget. Implementations should load from / save to a cache under ``self.ctx.cache_dir``
+        (``condense.teachers``), so that only a cold run pays for training. Default: nothing.
+        """
+        return None
+
     @abc.abstractmethod
     def init_set(self) -> SyntheticSet:
         """The starting synthetic set (class-major, ``images`` a leaf tensor if optimized)."""

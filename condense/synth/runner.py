@@ -94,10 +94,12 @@ class RunResult:
     wall_s: float
     stopped_by: str  # "iterations" | "deadline"
     init_s: float = 0.0  # of wall_s: building the starting set (this process; a resumed run's is in wall_s)
+    prepare_s: float = 0.0  # NOT in wall_s: ``Synthesizer.prepare`` (teachers, experts) in this process
 
     def info(self) -> dict[str, Any]:
         return {"iterations": self.iterations_done, "iterations_planned": self.iterations_planned,
-                "wall_s": round(self.wall_s, 3), "init_s": round(self.init_s, 3), "stopped_by": self.stopped_by}
+                "wall_s": round(self.wall_s, 3), "init_s": round(self.init_s, 3),
+                "prepare_s": round(self.prepare_s, 3), "stopped_by": self.stopped_by}
 
 
 class _SignalFlag:
@@ -184,6 +186,10 @@ def _truncate_metrics(path: Path, last_it: int) -> None:
 def run(synth: Synthesizer, cfg: RunConfig) -> RunResult:
     """Run ``synth`` under ``cfg`` and return the finished synthetic set.
 
+    ``synth.prepare()`` runs first, off the clock: its time is reported as ``prepare_s`` and is
+    neither part of ``wall_s`` nor of ``cfg.max_seconds`` (a resumed run prepares again, again
+    off the clock; with a cache that is a load).
+
     Raises:
         RunInterrupted: on SIGINT/SIGTERM, after writing a checkpoint.
         NonFiniteError: on NaN/inf loss or images (the last good checkpoint is kept).
@@ -194,6 +200,10 @@ def run(synth: Synthesizer, cfg: RunConfig) -> RunResult:
     metrics_path = run_dir / METRICS_NAME if run_dir is not None else None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
+    t_prep = time.perf_counter()
+    synth.prepare()
+    prepare_s = time.perf_counter() - t_prep
+    log.info("prepare (teachers/experts, off the distillation clock): %.1f s", prepare_s)
     t_init = time.perf_counter()
     syn = synth.init_set()
     init_s = time.perf_counter() - t_init  # counted in the wall time and the deadline (a resume restores it)
@@ -259,7 +269,7 @@ def run(synth: Synthesizer, cfg: RunConfig) -> RunResult:
     syn = synth.finalize(syn)
     syn = syn.detach_clone()
     result = RunResult(syn=syn, iterations_done=it, iterations_planned=total, wall_s=wall, stopped_by=stopped_by,
-                       init_s=init_s)
+                       init_s=init_s, prepare_s=prepare_s)
     for cb in cfg.callbacks:
         cb.on_end(syn, result.info())
     return result

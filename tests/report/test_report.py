@@ -356,3 +356,32 @@ def test_ablation_changes_against_the_cell_record(tmp_path: Path) -> None:
     assert r["budget cell"] == "71.00 ± 0.82 (700 it., M1)"
     r = row(table, method="dm", tag="fp32")
     assert (r["changed"], r["budget cell"]) == ("method.bf16=false", "—")
+
+
+def test_prepare_minutes_beside_distill(tmp_path: Path, board: dict) -> None:
+    """Records with a ``prepare`` block show its (cold, i.e. longest) minutes; older records show —."""
+    _, scores = tables_after(board["md"], CPU)
+    old = row(scores, method="dm", ipc="10")  # written before the prepare phase existed
+    assert old["distill (min)"] == "5.0" and old["prepare (min)"] == DASH
+    res = tmp_path / "prep"
+    cold = record("dm", 10, DM10, seed=0, wall_s=300.0)
+    cold["prepare"] = {"wall_s": 1800.0}  # trained the teachers
+    warm = record("dm", 10, DM10, seed=1, wall_s=360.0)
+    warm["prepare"] = {"wall_s": 6.0}  # loaded them from the cache
+    put(res, cold)
+    put(res, warm)
+    put(res, record("random", 10, RANDOM10, wall_s=0.0, iterations=0))
+    abl = record("dm", 10, [70.0, 70.5, 71.0], wall_s=500.0, iterations=250)
+    abl.update(kind="ablation", tag="fp32", prepare={"wall_s": 120.0})
+    path = result_path(res, "fashion_mnist", "dm", False, 10, "cpu", 0, tag="fp32")
+    path.write_text(json.dumps(abl))
+    out = tmp_path / "prep.md"
+    write_report(res, out)
+    md = out.read_text()
+    _, scores = tables_after(md, CPU)
+    dm = row(scores, method="dm", ipc="10")
+    assert (dm["distill (min)"], dm["prepare (min)"], dm["seeds"]) == ("5.5", "30.0", "0, 1")
+    assert row(scores, method="random", ipc="10")["prepare (min)"] == DASH
+    (table,) = tables_after(md, "## Ablations")[:1]
+    assert row(table, tag="fp32")["prepare s"] == "120"
+    assert "prepare (min): the time spent obtaining teachers" in md

@@ -185,3 +185,69 @@ def test_herding_init_is_the_herding_selection(tiny_data, tmp_path):
     assert images.shape == picked.images.shape and torch.equal(images, picked.images)
     with pytest.raises(ConfigError, match="valid choices: real, noise, herding"):
         init_images(make_ctx(tiny_data), "kmeans")
+
+
+class Preparing(Toy):
+    """A toy whose ``prepare`` counts its calls and takes ``prepare_seconds`` on the fake clock."""
+
+    calls = 0
+
+    def __init__(self, cfg, ctx, clock=None, prepare_seconds=0.0):
+        super().__init__(cfg, ctx)
+        self.clock, self.prepare_seconds = clock, prepare_seconds
+
+    def prepare(self):
+        Preparing.calls += 1
+        if self.clock is not None:
+            self.clock["t"] += self.prepare_seconds
+
+
+def _preparing(tiny_data, clock=None, prepare_seconds=0.0, **cfg):
+    from tests.conftest import make_ctx
+
+    Preparing.calls = 0
+    return Preparing(Toy.Config(**cfg), make_ctx(tiny_data, seed=5), clock, prepare_seconds)
+
+
+def test_prepare_runs_once_off_the_clock(tiny_data, monkeypatch):
+    """prepare() takes 500 s of a 100 s budget: the 30 s iterations still get their 3 iterations."""
+    import condense.synth.runner as runner
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock["t"])
+    synth = _preparing(tiny_data, clock, 500.0, iterations=100)
+    real_step = synth.step
+
+    def slow_step(syn, it):
+        clock["t"] += 30.0
+        return real_step(syn, it)
+
+    monkeypatch.setattr(synth, "step", slow_step)
+    res = run(synth, RunConfig(max_seconds=100, progress=False))
+    assert Preparing.calls == 1
+    assert (res.stopped_by, res.iterations_done, res.wall_s, res.prepare_s) == ("deadline", 3, 90.0, 500.0)
+    assert res.info()["prepare_s"] == 500.0 and res.info()["wall_s"] == 90.0
+
+
+def test_prepare_time_is_reported_and_runs_again_on_resume(tiny_data, tmp_path):
+    import time
+
+    class Sleepy(Preparing):
+        def prepare(self):
+            super().prepare()
+            time.sleep(0.2)
+
+    from tests.conftest import make_ctx
+
+    Preparing.calls = 0
+    res = run(Sleepy(Toy.Config(iterations=2), make_ctx(tiny_data, seed=5)),
+              RunConfig(run_dir=tmp_path, ckpt_every=1, progress=False))
+    assert Preparing.calls == 1 and res.info()["prepare_s"] >= 0.2 and res.init_s < 0.2  # not init time
+    res = run(Sleepy(Toy.Config(iterations=4), make_ctx(tiny_data, seed=5)),
+              RunConfig(run_dir=tmp_path, ckpt_every=1, resume=True, progress=False))
+    assert Preparing.calls == 2 and res.iterations_done == 4 and res.info()["prepare_s"] >= 0.2
+
+
+def test_default_prepare_is_a_no_op(tiny_data):
+    res = run(_toy(tiny_data, iterations=1), RunConfig(progress=False))
+    assert res.info()["prepare_s"] < 0.05
