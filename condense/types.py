@@ -70,6 +70,8 @@ class RealData:
         train_labels: ``(N,)`` int64 in ``[0, num_classes)``.
         test_images: ``(M, C, H, W)`` float32, normalized.
         test_labels: ``(M,)`` int64.
+        root: the folder the files were actually read from (absolute), ``None`` for data that
+            did not come from files (fabricated tensors).
     """
 
     spec: DatasetSpec
@@ -77,6 +79,7 @@ class RealData:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    root: str | None = None
 
     def to(self, device: torch.device | str) -> RealData:
         return RealData(
@@ -85,6 +88,7 @@ class RealData:
             self.train_labels.to(device),
             self.test_images.to(device),
             self.test_labels.to(device),
+            self.root,
         )
 
 

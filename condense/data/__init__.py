@@ -98,9 +98,11 @@ def build_dataset(
 ) -> RealData:
     """Load a dataset as normalized tensors on ``device``.
 
-    Files are searched under ``root``, then ``$CONDENSE_DATA_ROOT``, then the distribution
-    package folder (Fashion-MNIST: ``/usr/share/datasets/fashion-mnist``), then the download
-    cache; torchvision downloads them as a last resort when allowed.
+    With ``root`` the files are searched there only: a root without them is an error (or, where
+    torchvision can fetch the dataset and downloads are allowed, they are downloaded into it),
+    never a silent switch to another copy. Without ``root``: ``$CONDENSE_DATA_ROOT``, then the
+    distribution package folder (Fashion-MNIST: ``/usr/share/datasets/fashion-mnist``), then
+    the download cache, then a torchvision download into the cache when allowed.
 
     Args:
         name: registry key: ``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``svhn``,
@@ -113,10 +115,12 @@ def build_dataset(
 
     Returns:
         :class:`RealData` with float32 ``(N, C, S, S)`` images normalized as
-        ``(x/255 - mean)/std`` and int64 ``(N,)`` labels.
+        ``(x/255 - mean)/std``, int64 ``(N,)`` labels and ``root`` the absolute folder the files
+        were read from.
 
     Raises:
-        UnknownNameError: unknown name. DatasetNotFoundError: files not found anywhere.
+        UnknownNameError: unknown name. DatasetNotFoundError: files not in ``root`` (when given)
+            or not at any searched place (names the places and the files looked for).
         DatasetFormatError: a file is corrupt.
     """
     builder = DATASETS.get(name)
@@ -131,6 +135,7 @@ def build_dataset(
         train_labels=torch.from_numpy(raw.train_y.astype("int64", copy=False)).to(dev),
         test_images=to_normalized(raw.test_x, spec.mean, spec.std, dev, size),
         test_labels=torch.from_numpy(raw.test_y.astype("int64", copy=False)).to(dev),
+        root=str(Path(raw.source).absolute()),
     )
     log.info(
         "dataset %s from %s: train %s, test %s, %d classes, on %s",

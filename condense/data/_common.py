@@ -122,10 +122,15 @@ def cache_dir() -> Path:
 
 
 def search_bases(root: str | Path | None, system_dir: Path | None) -> list[tuple[str, Path]]:
-    """The base folders searched, in order, each with a label for error messages."""
-    bases: list[tuple[str, Path]] = []
+    """The base folders searched, in order, each with a label for error messages.
+
+    An explicit ``root`` is the only place searched: a folder without the files is an error,
+    never a silent switch to another copy. Without one: ``$CONDENSE_DATA_ROOT``, the
+    distribution package folder, the download cache.
+    """
     if root is not None:
-        bases.append(("root", Path(root).expanduser()))
+        return [("dataset.root", Path(root).expanduser())]
+    bases: list[tuple[str, Path]] = []
     env = os.environ.get(ENV_ROOT)
     if env:
         bases.append((f"${ENV_ROOT}", Path(env).expanduser()))
@@ -149,6 +154,7 @@ def locate(
     root: str | Path | None,
     find: Callable[[Path], Path | None],
     *,
+    files: Sequence[str],
     layouts: str,
     how_to_get: str,
     system_dir: Path | None = None,
@@ -157,10 +163,15 @@ def locate(
 ) -> Path:
     """Find a dataset's folder, downloading it as a last resort.
 
+    With ``root`` only ``root`` is searched (then, if allowed, the files are downloaded into
+    it); without one the chain of :func:`search_bases` is searched and downloads go to the
+    cache.
+
     Args:
         name: registry name (for messages).
         root: user root or ``None``.
         find: maps a base folder to the folder holding the files, or ``None``.
+        files: the names of the files (or folders) looked for, for the not-found error.
         layouts: human description of the accepted layouts under a base folder.
         how_to_get: human instructions appended to the not-found error.
         system_dir: a distribution package's install folder, if any.
@@ -171,14 +182,14 @@ def locate(
         The folder holding the dataset files.
 
     Raises:
-        DatasetNotFoundError: nothing found and no successful download; the message lists the
-            places searched and how to get the data.
+        DatasetNotFoundError: nothing found and no successful download; the message names the
+            places searched, the files looked for and how to get the data.
     """
     bases = search_bases(root, system_dir)
-    for _, base in bases:
+    for label, base in bases:
         found = find(base)
         if found is not None:
-            log.info("dataset %s: using files in %s", name, found)
+            log.info("dataset %s: using files in %s (%s)", name, found, label)
             return found
     status = "no automatic download exists for it"
     if download is not None:
@@ -197,12 +208,20 @@ def locate(
                 status = f"download into {target} finished but the files are not there"
         else:
             status = f"download disabled (allow_download=False or {ENV_OFFLINE}=1)"
+    wanted = ", ".join(files)
+    status = f"{status[0].upper()}{status[1:]}"
+    if root is not None:
+        raise DatasetNotFoundError(
+            f"dataset {name!r} not found in dataset.root={bases[0][1]}: looked for {wanted} "
+            f"({layouts}). {status}. An explicit root is the only place searched: fix the path, "
+            f"or leave dataset.root unset to search {ENV_ROOT}, the system package and the download "
+            f"cache. To get it: {how_to_get}."
+        )
     searched = "; ".join(f"{label}: {base}" for label, base in bases)
-    if root is None:
-        searched += f" (no dataset.root given, {ENV_ROOT} {'set' if os.environ.get(ENV_ROOT) else 'unset'})"
+    searched += f" (no dataset.root given, {ENV_ROOT} {'set' if os.environ.get(ENV_ROOT) else 'unset'})"
     raise DatasetNotFoundError(
-        f"dataset {name!r} not found. Searched {searched}; accepted layouts under each: {layouts}. "
-        f"{status[0].upper()}{status[1:]}. To get it: {how_to_get}; or set dataset.root=PATH "
+        f"dataset {name!r} not found. Searched {searched} for {wanted}; accepted layouts under "
+        f"each: {layouts}. {status}. To get it: {how_to_get}; or set dataset.root=PATH "
         f"(or {ENV_ROOT}=PATH) to a folder holding the files."
     )
 

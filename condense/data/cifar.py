@@ -121,6 +121,7 @@ def _load_cifar10(root: Path | None, allow_download: bool | None, im_size: int |
         "cifar10",
         root,
         _find_cifar10,
+        files=[*_C10_TRAIN, "test_batch"],
         layouts="cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) or those files directly",
         how_to_get="allow downloads (unset CONDENSE_OFFLINE) so torchvision fetches it, or "
         "extract cifar-10-python.tar.gz under dataset.root",
@@ -177,6 +178,7 @@ def _load_cifar100(root: Path | None, allow_download: bool | None, im_size: int 
         "cifar100",
         root,
         _find_cifar100,
+        files=["train", "test"],
         layouts="cifar-100-python/ (train, test, meta) or those files directly",
         how_to_get="allow downloads (unset CONDENSE_OFFLINE) so torchvision fetches it, or "
         "extract cifar-100-python.tar.gz under dataset.root",

@@ -95,7 +95,10 @@ def _find_tiny(base: Path) -> Path | None:
 
 
 def _locate_tiny(root: Path | None) -> Path:
-    return locate("tiny_imagenet", root, _find_tiny, layouts=_TINY_LAYOUTS, how_to_get=_TINY_HOW_TO)
+    return locate(
+        "tiny_imagenet", root, _find_tiny, files=["wnids.txt", "train/"], layouts=_TINY_LAYOUTS,
+        how_to_get=_TINY_HOW_TO,
+    )
 
 
 def _tiny_wnids(folder: Path) -> list[str]:

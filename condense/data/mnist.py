@@ -141,6 +141,7 @@ def _make_loader(src: _IdxSource):
             src.name,
             root,
             find,
+            files=[f"{stem}[.gz]" for stem in IDX_FILES],
             layouts=layouts,
             how_to_get=src.how_to_get,
             system_dir=SYSTEM_DIRS.get(src.name),

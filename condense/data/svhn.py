@@ -66,6 +66,7 @@ def _load(root: Path | None, allow_download: bool | None, im_size: int | None) -
         "svhn",
         root,
         _find,
+        files=list(_FILES.values()),
         layouts="train_32x32.mat and test_32x32.mat in the folder itself or in svhn/",
         how_to_get="allow downloads (unset CONDENSE_OFFLINE) so torchvision fetches it, or "
         "copy train_32x32.mat and test_32x32.mat under dataset.root",

@@ -16,12 +16,13 @@ from torch import nn
 
 from condense.errors import ConfigError
 from condense.models._pool import AvgPool2x2
+from condense.ops._nn import BATCHNORMS as _BATCHNORMS
+from condense.ops._nn import has_batchnorm
 
 NORMS_2D = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
 ACTIVATIONS = ("relu", "sigmoid", "leakyrelu", "swish")
 POOLINGS = ("avgpool", "maxpool", "none")
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _NORMS = (*_BATCHNORMS, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -63,11 +64,6 @@ class ClassifierNet(nn.Module):
     def has_batchnorm(self) -> bool:
         """True if any submodule is a BatchNorm (train-mode statistics couple the batch)."""
         return has_batchnorm(self)
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """True if ``model`` contains a BatchNorm layer (then per-sample / vmapped calls need care)."""
-    return any(isinstance(m, _BATCHNORMS) for m in model.modules())
 
 
 # --------------------------------------------------------------------------- validation / shapes

@@ -4,8 +4,13 @@
 - :mod:`condense.ops.distances` distances between per-class gradients (DC/DSA).
 - :mod:`condense.ops.features` forward-hook feature capture, attention maps (DataDAM).
 - :mod:`condense.ops.mmd` class-wise mean-embedding distances (DM).
+- :mod:`condense.ops.stem` the fused first ConvNet block (detected from the layers).
+
+Ops sit below :mod:`condense.models` (models may import ops, never the reverse;
+``tests/test_layering.py`` checks it): structural queries such as :func:`has_batchnorm` live here.
 """
 
+from condense.ops._nn import has_batchnorm
 from condense.ops.distances import METRICS, gradient_distance
 from condense.ops.grads import (
     IMPLS,
@@ -21,6 +26,7 @@ __all__ = [
     "METRICS",
     "freeze_bn_stats",
     "gradient_distance",
+    "has_batchnorm",
     "matching_params",
     "per_class_grads",
     "per_sample_grads",

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from condense.errors import ConfigError
-from condense.models import has_batchnorm
+from condense.ops._nn import has_batchnorm
 
 log = logging.getLogger(__name__)
 

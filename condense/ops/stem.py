@@ -54,42 +54,56 @@ __all__ = [
 ]
 
 
-def _stem_layers(model: nn.Module) -> tuple[nn.Conv2d, nn.GroupNorm] | None:
-    """The first block's conv and instance norm when it has the fusable form, else ``None``."""
-    from condense.models._pool import AvgPool2x2  # local: models import ops at module level
+def _is_avgpool2x2(pool: nn.Module) -> bool:
+    """A 2x2 / stride-2 average pool without padding (``nn.AvgPool2d(2, 2)`` or a subclass such
+    as the model zoo's faster ``AvgPool2x2``, identified by its attributes)."""
+    return (
+        isinstance(pool, nn.AvgPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
+        and pool.padding in (0, (0, 0)) and not pool.ceil_mode and pool.divisor_override is None
+    )
 
+
+def _stem_layers(model: nn.Module) -> tuple[nn.Conv2d, nn.GroupNorm] | None:
+    """The first block's conv and instance norm when ``model`` has the fusable structure, else ``None``.
+
+    Duck-typed (ops sit below models and import none of them): ``model.features`` an
+    ``nn.Sequential`` of blocks whose first block is an ``nn.Sequential`` ``[Conv2d 3x3 stride 1
+    zero padding, GroupNorm(C, C) affine (instance norm), ReLU, 2x2 average pool]``,
+    ``model.classifier`` an ``nn.Linear`` and ``model.embed`` present. The fused paths compute
+    ``embed`` as ``flatten(features(x))`` and the logits as ``classifier(embed(x))``: a model
+    with this structure must mean that (the zoo's ConvNet does; its other networks do not have
+    the structure).
+    """
     features = getattr(model, "features", None)
-    if not isinstance(features, nn.Sequential) or len(features) < 1 or not hasattr(model, "embed"):
+    if not isinstance(features, nn.Sequential) or len(features) < 1:
+        return None
+    if not callable(getattr(model, "embed", None)) or not isinstance(getattr(model, "classifier", None), nn.Linear):
         return None
     block = features[0]
     if not isinstance(block, nn.Sequential) or len(block) != 4:
         return None
     conv, norm, act, pool = block
-    pool_ok = isinstance(pool, AvgPool2x2) or (
-        type(pool) is nn.AvgPool2d and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
-        and pool.padding in (0, (0, 0)) and not pool.ceil_mode
-    )
     conv_ok = (
         type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
         and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
         and isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1]
     )
     norm_ok = (
-        type(norm) is nn.GroupNorm and norm.num_groups == norm.num_channels == conv.out_channels
+        conv_ok and type(norm) is nn.GroupNorm and norm.num_groups == norm.num_channels == conv.out_channels
         and norm.affine
     )
-    if not (pool_ok and conv_ok and norm_ok and type(act) is nn.ReLU):
+    if not (conv_ok and norm_ok and type(act) is nn.ReLU and _is_avgpool2x2(pool)):
         return None
     return conv, norm
 
 
 def fusable_stem(model: nn.Module) -> bool:
-    """Whether ``model`` is a ConvNet whose first block is ``[Conv3x3 (stride 1, zero padding),
-    GroupNorm(C, C) (instance norm, affine), ReLU, 2x2 / stride-2 average pool]`` and whose
-    ``embed`` is ``flatten(features(x))``: what :func:`fused_embed_means` computes faster."""
-    from condense.models.convnet import ConvNet
-
-    return isinstance(model, ConvNet) and _stem_layers(model) is not None
+    """Whether ``model``'s first block is ``[Conv3x3 (stride 1, zero padding), GroupNorm(C, C)
+    (instance norm, affine), ReLU, 2x2 / stride-2 average pool]`` inside a ``features`` /
+    ``classifier`` network whose ``embed`` is ``flatten(features(x))`` (the zoo's ConvNet with
+    instance norm, ReLU and average pooling): what :func:`fused_embed_means` computes faster.
+    Detected from the layers (see :func:`_stem_layers`), without importing the model zoo."""
+    return _stem_layers(model) is not None
 
 
 def _prepare(

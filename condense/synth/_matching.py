@@ -3,21 +3,39 @@
 - :func:`init_images` real or noise initialisation, class-major.
 - :func:`siamese_views` the FYI flip and siamese DSA applied to per-class real/synthetic batches,
   one implementation composed into every method (a method only passes ``flip=cfg.flip``).
-- :class:`ImageOptimizerMixin` the SGD optimizer over the synthetic images and its checkpoint state.
+- :class:`ImageOptimizerMixin` the optimizer over the synthetic images (SGD with momentum or
+  Adam, constant or cosine learning rate), its schedule and their checkpoint state.
+- :class:`MatchingSynthesizer` the base of the matching methods (DC/DSA, DM/DataDAM): the
+  per-class real batch (capped at the smallest class, warned once), the siamese views, the
+  image optimizer from the config's ``lr_img`` / ``momentum`` / ``opt_img`` / ``betas_img`` /
+  ``schedule_img`` fields, checkpoint state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from condense.errors import ConfigError
-from condense.synth.base import SynthContext
+from condense.synth.base import SynthContext, Synthesizer
 from condense.types import SetMeta, SyntheticSet, class_major_labels
 
+log = logging.getLogger(__name__)
+
 INITS = ("real", "noise", "herding")
+#: Optimizers of the synthetic images (``opt_img``).
+IMAGE_OPTIMIZERS = ("sgd", "adam")
+#: Learning-rate schedules of the image optimizer over the run's iterations (``schedule_img``).
+IMAGE_SCHEDULES = ("constant", "cosine")
+#: The image-optimizer fields every matching config has, with the defaults that give plain SGD.
+IMAGE_OPTIMIZER_DEFAULTS: dict[str, Any] = {
+    "opt_img": "sgd", "betas_img": [0.9, 0.999], "schedule_img": "constant",
+}
 
 
 def init_images(ctx: SynthContext, init: str) -> torch.Tensor:
@@ -92,25 +110,171 @@ def require_augmenter(method: str, dsa: bool, ctx: SynthContext) -> None:
         )
 
 
+def cosine_factor(step: int, total: int) -> float:
+    """The cosine schedule's lr multiplier after ``step`` of ``total`` steps: ``(1 + cos(pi t / T)) / 2``
+    with ``t = min(step, total)`` (1 at the start, 0 at the end, then held at 0)."""
+    total = max(1, int(total))
+    return 0.5 * (1.0 + math.cos(math.pi * min(int(step), total) / total))
+
+
+def check_image_optimizer(method: str, opt: str, betas: Sequence[float], schedule: str) -> None:
+    """Validate the image-optimizer settings of a matching config.
+
+    Raises:
+        ConfigError: unknown ``opt`` / ``schedule`` (names the valid choices) or ``betas`` not two
+            numbers in ``[0, 1)``.
+    """
+    if opt not in IMAGE_OPTIMIZERS:
+        raise ConfigError(f"{method}: unknown opt_img {opt!r}; valid: {', '.join(IMAGE_OPTIMIZERS)}")
+    if schedule not in IMAGE_SCHEDULES:
+        raise ConfigError(f"{method}: unknown schedule_img {schedule!r}; valid: {', '.join(IMAGE_SCHEDULES)}")
+    ok = (isinstance(betas, (list, tuple)) and len(betas) == 2
+          and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas))
+    if not ok:
+        raise ConfigError(
+            f"{method}: invalid betas_img={betas!r}; valid: two numbers in [0, 1), e.g. [0.9, 0.999]"
+        )
+
+
 class ImageOptimizerMixin:
-    """SGD (momentum) over the synthetic images; state saved/restored with checkpoints."""
+    """The optimizer over the synthetic images, its learning-rate schedule, and their checkpoint state.
+
+    ``opt="sgd"`` (with ``momentum``) or ``"adam"`` (with ``betas``); ``schedule="constant"`` or
+    ``"cosine"`` (the lr follows :func:`cosine_factor` over ``total_steps``, advanced once per
+    outer iteration by :meth:`step_image_schedule`). The scheduler's state is part of
+    :meth:`optimizer_state`, so a resumed run continues on the same learning rates.
+    """
 
     opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None
 
-    def init_optimized_set(self, init: str, lr: float, momentum: float) -> SyntheticSet:
-        """Initial images (``init``), wrapped as a set, with the image optimizer attached."""
+    def init_optimized_set(self, init: str, lr: float, momentum: float = 0.5, **options: Any) -> SyntheticSet:
+        """Initial images (``init``), wrapped as a set, with the image optimizer attached
+        (``options``: the keyword arguments of :meth:`make_image_optimizer`)."""
         ctx = self.ctx  # type: ignore[attr-defined]
-        syn = new_synthetic_set(ctx, init_images(ctx, init), self.name, self.config_dict())  # type: ignore[attr-defined]
-        self.make_image_optimizer(syn, lr=lr, momentum=momentum)
+        config = self.config_dict()  # type: ignore[attr-defined]
+        syn = new_synthetic_set(ctx, init_images(ctx, init), self.name, config)  # type: ignore[attr-defined]
+        self.make_image_optimizer(syn, lr, momentum, **options)
         return syn
 
-    def make_image_optimizer(self, syn: SyntheticSet, lr: float, momentum: float) -> None:
+    def make_image_optimizer(
+        self,
+        syn: SyntheticSet,
+        lr: float,
+        momentum: float = 0.5,
+        *,
+        opt: str = "sgd",
+        betas: Sequence[float] = (0.9, 0.999),
+        schedule: str = "constant",
+        total_steps: int = 0,
+    ) -> None:
+        """Make ``syn.images`` a leaf that requires grad and attach its optimizer (and schedule).
+
+        Args:
+            syn: the set whose ``images (N, C, H, W)`` are optimized in place.
+            lr: the (initial) learning rate.
+            momentum: SGD momentum (ignored by Adam).
+            opt: ``sgd`` | ``adam``.
+            betas: Adam's ``(beta1, beta2)`` (ignored by SGD).
+            schedule: ``constant`` | ``cosine`` (to 0 over ``total_steps`` outer iterations).
+            total_steps: the schedule's length in outer iterations (the run's iterations).
+        """
+        check_image_optimizer(getattr(self, "name", type(self).__name__), opt, betas, schedule)
         syn.images.requires_grad_(True)
-        self.opt = torch.optim.SGD([syn.images], lr=lr, momentum=momentum)
+        if opt == "adam":
+            self.opt = torch.optim.Adam([syn.images], lr=lr, betas=(float(betas[0]), float(betas[1])))
+        else:
+            self.opt = torch.optim.SGD([syn.images], lr=lr, momentum=momentum)
+        self.sched = None
+        if schedule == "cosine":
+            total = max(1, int(total_steps))
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: cosine_factor(t, total))
+
+    def step_image_schedule(self) -> None:
+        """Advance the learning-rate schedule by one outer iteration (no-op when constant)."""
+        if self.sched is not None:
+            self.sched.step()
 
     def optimizer_state(self) -> dict[str, Any]:
-        return {"opt": self.opt.state_dict()}
+        state: dict[str, Any] = {"opt": self.opt.state_dict()}
+        if self.sched is not None:
+            state["sched"] = self.sched.state_dict()
+        return state
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         if "opt" in state:
             self.opt.load_state_dict(state["opt"])
+        if self.sched is not None and "sched" in state:
+            self.sched.load_state_dict(state["sched"])
+
+
+class MatchingSynthesizer(ImageOptimizerMixin, Synthesizer):
+    """Base of the matching methods: image optimizer, real batches, views, checkpoint state.
+
+    The config needs ``iterations``, ``init``, ``lr_img``, ``momentum``, ``flip``, ``dsa`` and
+    the image-optimizer fields ``opt_img``, ``betas_img``, ``schedule_img``
+    (:data:`IMAGE_OPTIMIZER_DEFAULTS`). With ``dsa=False`` the context's augmenter is ignored.
+    """
+
+    def __init__(self, cfg: Any, ctx: SynthContext) -> None:
+        super().__init__(cfg, ctx)
+        self._view_ctx = ctx if cfg.dsa else dataclasses.replace(ctx, augment=None)
+        self._warned_batch: set[int] = set()
+
+    def check_matching_config(self, cfg: Any, ctx: SynthContext) -> None:
+        """The checks every matching config shares: ``init``, the image optimizer, the augmenter.
+
+        Raises:
+            ConfigError: one line naming the bad value and the valid choices.
+        """
+        if cfg.init not in INITS:
+            raise ConfigError(f"{self.name}: unknown init {cfg.init!r}; valid: {', '.join(INITS)}")
+        check_image_optimizer(self.name, cfg.opt_img, cfg.betas_img, cfg.schedule_img)
+        require_augmenter(self.name, cfg.dsa, ctx)
+
+    # -- contract ---------------------------------------------------------------------------
+
+    def init_set(self) -> SyntheticSet:
+        cfg = self.cfg
+        return self.init_optimized_set(
+            cfg.init, float(cfg.lr_img), cfg.momentum, opt=cfg.opt_img, betas=cfg.betas_img,
+            schedule=cfg.schedule_img, total_steps=cfg.iterations,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_optimizer_state(state)
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def real_batch_size(self, want: int) -> int:
+        """``want`` capped at the smallest class (as the references' ``perm[:n]``), with a
+        warning the first time a given ``want`` is capped."""
+        smallest = getattr(self.ctx.index, "min_count", None)
+        if smallest is None or want <= smallest:
+            return want
+        if want not in self._warned_batch:
+            log.warning("%s: a real batch of %d images per class exceeds the smallest class (%d images); "
+                        "using %d", self.name, want, smallest, smallest)
+            self._warned_batch.add(want)
+        return int(smallest)
+
+    def real_batch(self, want: int) -> torch.Tensor:
+        """``(K, B, C, H, W)`` random real images of every class, ``B = real_batch_size(want)``,
+        drawn from ``ctx.generator``."""
+        ctx = self.ctx
+        return ctx.index.gather(ctx.data.train_images, self.real_batch_size(want), ctx.generator)
+
+    def views(self, syn: SyntheticSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """A real batch of every class (``cfg.batch_real`` each) and the per-class synthetic
+        batch, through FYI flip / siamese DSA (:func:`siamese_views`).
+
+        Returns:
+            ``real (K, B, C, H, W)`` and ``syn (K, S, C, H, W)`` (``S = ipc``, ``2*ipc`` with flip).
+        """
+        k = self.ctx.spec.num_classes
+        real = self.real_batch(self.cfg.batch_real)
+        syn_k = syn.images.view(k, -1, *syn.images.shape[1:])
+        return siamese_views(self._view_ctx, real, syn_k, flip=self.cfg.flip)

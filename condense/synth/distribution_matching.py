@@ -5,7 +5,8 @@ batch of every class drawn at once ``(K, B, C, H, W)``; FYI flip / siamese DSA v
 :func:`condense.synth._matching.siamese_views`; ONE forward of all real views (under
 ``torch.no_grad``) and ONE forward of all synthetic views; per-class means by reshaping
 ``(K*B, D) -> (K, B, D).mean(1)`` (no loop over classes); loss = sum over classes of squared
-distances of the means; one SGD step on the images.
+distances of the means; one step of the image optimizer (SGD by default, see
+:class:`condense.synth._matching.MatchingSynthesizer`).
 
 DataDAM is :class:`DistributionMatching` plus spatial attention maps of intermediate feature
 maps, captured by :func:`condense.ops.features.capture_features` in the same two forwards. As
@@ -34,15 +35,15 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from condense.errors import ConfigError, NonFiniteError
-from condense.models import has_batchnorm
+from condense.ops._nn import has_batchnorm
 from condense.ops.features import (
     attention_map,
     capture_features,
@@ -52,13 +53,8 @@ from condense.ops.features import (
 )
 from condense.ops.mmd import group_means, mean_sq_distance
 from condense.ops.stem import fusable_stem, fused_embed_means, resolve_fuse_stem
-from condense.synth._matching import (
-    INITS,
-    ImageOptimizerMixin,
-    require_augmenter,
-    siamese_views,
-)
-from condense.synth.base import SynthContext, Synthesizer, register_synthesizer
+from condense.synth._matching import IMAGE_OPTIMIZER_DEFAULTS, MatchingSynthesizer
+from condense.synth.base import SynthContext, register_synthesizer
 from condense.types import SyntheticSet
 
 log = logging.getLogger(__name__)
@@ -255,8 +251,8 @@ class DMConfig:
 
     Attributes:
         iterations: outer iterations (20000 in the paper).
-        lr_img: SGD lr of the images; ``None`` = by ipc (1, or 10 from ipc 100 on).
-        momentum: SGD momentum of the images.
+        lr_img: lr of the images; ``None`` = by ipc (1, or 10 from ipc 100 on).
+        momentum: SGD momentum of the images (``opt_img=sgd``).
         batch_real: real images per class per iteration.
         init: ``real``, ``noise`` or ``herding`` (the herding selection, see ``init_images``).
         flip: FYI flip (each class's synthetic batch becomes ``[x; hflip(x)]``).
@@ -271,6 +267,10 @@ class DMConfig:
             time on Fashion-MNIST on a CPU); ``None`` = on a CPU only (where it was measured),
             ``True`` / ``False`` = everywhere / never. No effect without ``compile`` or on other
             networks.
+        opt_img: optimizer of the images, ``sgd`` (with ``momentum``, the paper's) or ``adam``.
+        betas_img: Adam's ``[beta1, beta2]`` (``opt_img=adam`` only).
+        schedule_img: lr of the images over the run's ``iterations``: ``constant`` or ``cosine``
+            (to 0 at the end).
     """
 
     iterations: int = 20000
@@ -284,10 +284,13 @@ class DMConfig:
     chunk_classes: int = 0
     compile: bool = False
     fuse_stem: bool | None = None
+    opt_img: str = IMAGE_OPTIMIZER_DEFAULTS["opt_img"]
+    betas_img: list[float] = field(default_factory=lambda: list(IMAGE_OPTIMIZER_DEFAULTS["betas_img"]))
+    schedule_img: str = IMAGE_OPTIMIZER_DEFAULTS["schedule_img"]
 
 
 @register_synthesizer("dm")
-class DistributionMatching(ImageOptimizerMixin, Synthesizer):
+class DistributionMatching(MatchingSynthesizer):
     """DM: match per-class mean embeddings of real and synthetic images in random networks."""
 
     Config: ClassVar[type] = DMConfig
@@ -299,9 +302,7 @@ class DistributionMatching(ImageOptimizerMixin, Synthesizer):
         if cfg.lr_img is None:
             cfg = dataclasses.replace(cfg, lr_img=10.0 if ctx.ipc >= self.high_ipc else 1.0)
         super().__init__(cfg, ctx)
-        self._view_ctx = ctx if cfg.dsa else dataclasses.replace(ctx, augment=None)
         self._warned_bn = False
-        self._warned_batch = False
 
     def _validate(self, cfg: DMConfig, ctx: SynthContext) -> None:
         checks = {
@@ -317,14 +318,9 @@ class DistributionMatching(ImageOptimizerMixin, Synthesizer):
                     f"{self.name}: invalid {key}={getattr(cfg, key)!r} (iterations >= 0, "
                     "batch_real >= 1, 0 <= momentum < 1, chunk_classes >= 0, lr_img > 0 or null)"
                 )
-        if cfg.init not in INITS:
-            raise ConfigError(f"{self.name}: unknown init {cfg.init!r}; valid: {', '.join(INITS)}")
-        require_augmenter(self.name, cfg.dsa, ctx)
+        self.check_matching_config(cfg, ctx)
 
     # -- contract ---------------------------------------------------------------------------
-
-    def init_set(self) -> SyntheticSet:
-        return self.init_optimized_set(self.cfg.init, lr=float(self.cfg.lr_img), momentum=self.cfg.momentum)
 
     def step(self, syn: SyntheticSet, it: int) -> dict[str, float]:
         model = self.matching_model()
@@ -337,13 +333,8 @@ class DistributionMatching(ImageOptimizerMixin, Synthesizer):
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        self.step_image_schedule()
         return {name: float(t.detach()) for name, t in terms.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer_state()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.load_optimizer_state(state)
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -361,32 +352,6 @@ class DistributionMatching(ImageOptimizerMixin, Synthesizer):
             )
             self._warned_bn = True
         return model
-
-    def views(self, syn: SyntheticSet) -> tuple[torch.Tensor, torch.Tensor]:
-        """Real batch of all classes and the per-class synthetic batch, through FYI/DSA.
-
-        Returns:
-            ``real (K, B, C, H, W)`` and ``syn (K, S, C, H, W)`` (``S = ipc``, ``2*ipc`` with flip).
-        """
-        ctx = self.ctx
-        k = ctx.spec.num_classes
-        real = ctx.index.gather(ctx.data.train_images, self.real_batch_size(), ctx.generator)
-        syn_k = syn.images.view(k, -1, *syn.images.shape[1:])
-        return siamese_views(self._view_ctx, real, syn_k, flip=self.cfg.flip)
-
-    def real_batch_size(self) -> int:
-        """``batch_real``, capped at the smallest class (as the references' ``perm[:n]``)."""
-        smallest = getattr(self.ctx.index, "min_count", None)
-        b = self.cfg.batch_real
-        if smallest is not None and b > smallest:
-            if not self._warned_batch:
-                log.warning(
-                    "%s: batch_real=%d exceeds the smallest class (%d images); using %d",
-                    self.name, b, smallest, smallest,
-                )
-                self._warned_batch = True
-            b = int(smallest)
-        return b
 
     def matching_loss(
         self, model: nn.Module, real: torch.Tensor, syn: torch.Tensor

@@ -8,8 +8,10 @@ One :meth:`GradientMatching.step` is one outer iteration of the reference code:
    views (:func:`condense.synth._matching.siamese_views`); the per-class gradients of the
    real views (no graph) and of the synthetic views (with graph) in one call each
    (:func:`condense.ops.per_class_grads`); loss = sum over classes of the gradient distance;
-   one SGD step on the images; then, except after the last outer loop, ``inner_loop`` epochs
-   of SGD on the network over the (flipped, augmented) synthetic set, detached.
+   one step of the image optimizer (SGD by default,
+   :class:`condense.synth._matching.MatchingSynthesizer`); then, except after the last outer
+   loop, ``inner_loop`` epochs of SGD on the network over the (flipped, augmented) synthetic
+   set, detached.
 
 DC and DSA are one class: ``dsa`` (siamese augmentation in matching and in the inner training)
 and ``init`` differ, set by the two registered configs. With ``dsa=False`` the context's
@@ -36,7 +38,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -44,16 +46,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from condense.errors import ConfigError, NonFiniteError
-from condense.models import has_batchnorm
+from condense.ops._nn import has_batchnorm
 from condense.ops.distances import METRICS, gradient_distance
 from condense.ops.grads import IMPLS, _upcast, freeze_bn_stats, matching_params, per_class_grads
-from condense.synth._matching import (
-    INITS,
-    ImageOptimizerMixin,
-    require_augmenter,
-    siamese_views,
-)
-from condense.synth.base import SynthContext, Synthesizer, register_synthesizer
+from condense.synth._matching import IMAGE_OPTIMIZER_DEFAULTS, INITS, MatchingSynthesizer
+from condense.synth.base import SynthContext, register_synthesizer
 from condense.types import SyntheticSet
 
 log = logging.getLogger(__name__)
@@ -98,14 +95,6 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
 def _class_labels(k: int, n: int, device: torch.device) -> torch.Tensor:
     """``(K, n)`` int64, row ``c`` filled with ``c``."""
     return torch.arange(k, device=device).unsqueeze(1).expand(k, n)
-
-
-def _capped_batch(ctx: SynthContext, want: int) -> int:
-    """``want`` capped at the smallest class (the reference's ``permutation(...)[:n]``)."""
-    smallest = getattr(ctx.index, "min_count", None)
-    return min(want, int(smallest)) if smallest is not None else want
-
-
 
 
 def _train_epochs(
@@ -161,8 +150,8 @@ class GradientMatchingConfig:
 
     Attributes:
         iterations: outer iterations (1000).
-        lr_img: SGD lr of the synthetic images (0.1).
-        momentum: SGD momentum of the images (0.5).
+        lr_img: lr of the synthetic images (0.1).
+        momentum: SGD momentum of the images (0.5; ``opt_img=sgd``).
         batch_real: real images per class per outer loop (256).
         outer_loop: matching steps per iteration, each on a partly trained network; ``None`` =
             by ipc (:data:`LOOPS`).
@@ -192,6 +181,10 @@ class GradientMatchingConfig:
             with a hand-derived backward (:func:`condense.ops.stem.fused_module_loss`);
             ``None`` = on a CPU only (where it was measured), ``True`` / ``False`` = everywhere
             / never. No effect without ``compile`` or on other networks.
+        opt_img: optimizer of the images, ``sgd`` (with ``momentum``, the reference's) or ``adam``.
+        betas_img: Adam's ``[beta1, beta2]`` (``opt_img=adam`` only).
+        schedule_img: lr of the images over the run's ``iterations`` (stepped once per outer
+            iteration, not per outer loop): ``constant`` or ``cosine`` (to 0 at the end).
     """
 
     iterations: int = 1000
@@ -213,6 +206,9 @@ class GradientMatchingConfig:
     micro_batch: int | None = None
     compile: bool = False
     fuse_stem: bool | None = None
+    opt_img: str = IMAGE_OPTIMIZER_DEFAULTS["opt_img"]
+    betas_img: list[float] = field(default_factory=lambda: list(IMAGE_OPTIMIZER_DEFAULTS["betas_img"]))
+    schedule_img: str = IMAGE_OPTIMIZER_DEFAULTS["schedule_img"]
 
 
 @dataclass
@@ -225,7 +221,7 @@ class DSAConfig(GradientMatchingConfig):
 
 
 @register_synthesizer("dc")
-class GradientMatching(ImageOptimizerMixin, Synthesizer):
+class GradientMatching(MatchingSynthesizer):
     """DC: match per-class weight gradients of real and synthetic batches in training networks."""
 
     Config: ClassVar[type] = GradientMatchingConfig
@@ -245,7 +241,6 @@ class GradientMatching(ImageOptimizerMixin, Synthesizer):
         if aug is not None and cfg.flip and not aug.flip_first:
             aug = dataclasses.replace(aug, flip_first=True)  # FYI with DSA: flip first
         self._aug = aug
-        self._view_ctx = ctx if cfg.dsa else dataclasses.replace(ctx, augment=None)
 
     def _validate(self, cfg: GradientMatchingConfig, ctx: SynthContext) -> None:
         checks = {
@@ -274,12 +269,9 @@ class GradientMatching(ImageOptimizerMixin, Synthesizer):
         for key, (value, valid) in choices.items():
             if value not in valid:
                 raise ConfigError(f"{self.name}: unknown {key} {value!r}; valid: {', '.join(valid)}")
-        require_augmenter(self.name, cfg.dsa, ctx)
+        self.check_matching_config(cfg, ctx)
 
     # -- contract ---------------------------------------------------------------------------
-
-    def init_set(self) -> SyntheticSet:
-        return self.init_optimized_set(self.cfg.init, lr=self.cfg.lr_img, momentum=self.cfg.momentum)
 
     def step(self, syn: SyntheticSet, it: int) -> dict[str, float]:
         cfg = self.cfg
@@ -297,28 +289,10 @@ class GradientMatching(ImageOptimizerMixin, Synthesizer):
             if ol == cfg.outer_loop - 1:
                 break
             self.train_network(model, net_opt, syn)
+        self.step_image_schedule()
         return {"loss": total / (self.ctx.spec.num_classes * cfg.outer_loop)}
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer_state()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.load_optimizer_state(state)
-
     # -- pieces -----------------------------------------------------------------------------
-
-    def views(self, syn: SyntheticSet) -> tuple[torch.Tensor, torch.Tensor]:
-        """Real batch of all classes and per-class synthetic batch, through FYI flip / DSA.
-
-        Returns:
-            ``real (K, B, C, H, W)``, ``syn (K, S, C, H, W)`` (``S = ipc``, ``2*ipc`` with flip).
-        """
-        ctx = self.ctx
-        k = ctx.spec.num_classes
-        b = _capped_batch(ctx, self.cfg.batch_real)
-        real = ctx.index.gather(ctx.data.train_images, b, ctx.generator)
-        syn_k = syn.images.view(k, -1, *syn.images.shape[1:])
-        return siamese_views(self._view_ctx, real, syn_k, flip=self.cfg.flip)
 
     def matching_loss(
         self, model: nn.Module, params: dict[str, torch.Tensor], real: torch.Tensor, syn: torch.Tensor
@@ -362,10 +336,7 @@ class GradientMatching(ImageOptimizerMixin, Synthesizer):
 
     def freeze_bn(self, model: nn.Module) -> None:
         """BatchNorm statistics from ``16`` real images per class, then frozen (eval mode)."""
-        ctx = self.ctx
-        n = _capped_batch(ctx, BN_IMAGES_PER_CLASS)
-        real = ctx.index.gather(ctx.data.train_images, n, ctx.generator)
-        freeze_bn_stats(model, real.flatten(0, 1))
+        freeze_bn_stats(model, self.real_batch(BN_IMAGES_PER_CLASS).flatten(0, 1))
 
     def train_network(self, model: nn.Module, opt: torch.optim.Optimizer, syn: SyntheticSet) -> None:
         """``inner_loop`` epochs of SGD on the synthetic set (flipped with FYI, DSA if on)."""

@@ -145,14 +145,120 @@ def test_fashion_mnist_sub_layouts_and_uncompressed(tmp_path: Path, sub: str) ->
     assert data.train_images.shape == (20, 1, 28, 28)
 
 
-def test_env_root_and_system_dir_are_searched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_root_and_system_dir_are_searched_without_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No root: $CONDENSE_DATA_ROOT first, then the system folder; data.root says which."""
     make_idx_dataset(tmp_path / "env" / "fashion-mnist")
-    monkeypatch.setenv("CONDENSE_DATA_ROOT", str(tmp_path / "env"))
-    assert build_dataset("fashion_mnist", tmp_path / "empty", allow_download=False).train_labels.numel() == 20
-    monkeypatch.delenv("CONDENSE_DATA_ROOT")
     make_idx_dataset(tmp_path / "sys", n_train=30)
     monkeypatch.setitem(mnist_mod.SYSTEM_DIRS, "fashion_mnist", tmp_path / "sys")
-    assert build_dataset("fashion_mnist", allow_download=False).train_labels.numel() == 30
+    monkeypatch.setenv("CONDENSE_DATA_ROOT", str(tmp_path / "env"))
+    data = build_dataset("fashion_mnist", allow_download=False)
+    assert data.train_labels.numel() == 20 and data.root == str(tmp_path / "env" / "fashion-mnist")
+    monkeypatch.delenv("CONDENSE_DATA_ROOT")
+    data = build_dataset("fashion_mnist", allow_download=False)
+    assert data.train_labels.numel() == 30 and data.root == str(tmp_path / "sys")
+    assert data.to("cpu").root == data.root
+
+
+def test_download_cache_is_searched_without_root(tmp_path: Path) -> None:
+    make_idx_dataset(tmp_path / "xdg-cache" / "condense" / "data" / "FashionMNIST" / "raw", n_train=40)
+    data = build_dataset("fashion_mnist", allow_download=False)
+    assert data.train_labels.numel() == 40
+    assert data.root == str(tmp_path / "xdg-cache" / "condense" / "data" / "FashionMNIST" / "raw")
+
+
+def test_explicit_empty_root_is_an_error_even_with_other_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An explicit root without the files never falls back to the env root, the system copy or
+    the download cache (all three hold valid files here)."""
+    make_idx_dataset(tmp_path / "sys")
+    make_idx_dataset(tmp_path / "env")
+    make_idx_dataset(tmp_path / "xdg-cache" / "condense" / "data")
+    monkeypatch.setitem(mnist_mod.SYSTEM_DIRS, "fashion_mnist", tmp_path / "sys")
+    monkeypatch.setenv("CONDENSE_DATA_ROOT", str(tmp_path / "env"))
+    assert build_dataset("fashion_mnist", allow_download=False).root == str(tmp_path / "env")  # sanity
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetNotFoundError) as err:
+        build_dataset("fashion_mnist", empty, allow_download=False)
+    msg = str(err.value)
+    assert f"dataset.root={empty}" in msg
+    for stem in mnist_mod.IDX_FILES:
+        assert stem in msg
+    assert str(tmp_path / "sys") not in msg and "download disabled" in msg.lower()
+    with pytest.raises(DatasetNotFoundError, match=f"dataset.root={tmp_path / 'missing'}"):
+        build_dataset("fashion_mnist", tmp_path / "missing", allow_download=False)
+
+
+def test_explicit_root_failed_download_does_not_fall_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Downloads allowed: they go into the explicit root; when that fails, the error names the
+    root, and the system copy is not used."""
+    import torchvision.datasets as tvd
+
+    def boom(**kwargs: object) -> None:
+        raise RuntimeError("network unreachable")
+
+    monkeypatch.setattr(tvd, "FashionMNIST", boom)
+    make_idx_dataset(tmp_path / "sys")
+    monkeypatch.setitem(mnist_mod.SYSTEM_DIRS, "fashion_mnist", tmp_path / "sys")
+    with pytest.raises(DatasetNotFoundError, match="network unreachable") as err:
+        build_dataset("fashion_mnist", tmp_path / "mine", allow_download=True)
+    assert f"dataset.root={tmp_path / 'mine'}" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("mnist", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
+        ("cifar10", ["data_batch_1", "data_batch_5", "test_batch"]),
+        ("cifar100", ["train", "test"]),
+        ("svhn", ["train_32x32.mat", "test_32x32.mat"]),
+        ("tiny_imagenet", ["wnids.txt", "train/"]),
+    ],
+)
+def test_explicit_root_error_names_root_and_files(tmp_path: Path, name: str, expected: list[str]) -> None:
+    with pytest.raises(DatasetNotFoundError) as err:
+        build_dataset(name, tmp_path, allow_download=False)
+    msg = str(err.value)
+    assert f"dataset.root={tmp_path}" in msg
+    for f in expected:
+        assert f in msg
+
+
+def test_root_recorded_for_every_builder(tmp_path: Path) -> None:
+    """``RealData.root`` is the folder the files were read from, for each file format."""
+    import scipy.io
+
+    fm_raw = tmp_path / "fm" / "FashionMNIST" / "raw"
+    make_idx_dataset(fm_raw)
+    assert build_dataset("fashion_mnist", tmp_path / "fm").root == str(fm_raw)
+    make_idx_dataset(tmp_path / "mn")
+    assert build_dataset("mnist", tmp_path / "mn").root == str(tmp_path / "mn")
+    make_cifar10(tmp_path / "c10" / "cifar-10-batches-py")
+    assert build_dataset("cifar10", tmp_path / "c10").root == str(tmp_path / "c10" / "cifar-10-batches-py")
+    make_cifar100(tmp_path / "c100" / "cifar-100-python")
+    assert build_dataset("cifar100", tmp_path / "c100").root == str(tmp_path / "c100" / "cifar-100-python")
+    (tmp_path / "sv").mkdir()
+    for split in ("train", "test"):
+        x = np.zeros((32, 32, 3, 2), dtype=np.uint8)
+        y = np.array([[1], [10]], np.uint8)
+        scipy.io.savemat(tmp_path / "sv" / f"{split}_32x32.mat", {"X": x, "y": y})
+    assert build_dataset("svhn", tmp_path / "sv").root == str(tmp_path / "sv")
+    tiny = make_tiny(tmp_path / "tin")
+    assert build_dataset("tiny_imagenet", tmp_path / "tin", im_size=8).root == str(tiny)
+    make_folder(tmp_path / "imf")
+    assert build_dataset("imagefolder", tmp_path / "imf", im_size=8).root == str(tmp_path / "imf")
+
+
+def test_relative_root_recorded_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_idx_dataset(tmp_path / "rel")
+    monkeypatch.chdir(tmp_path)
+    data = build_dataset("fashion_mnist", "rel", allow_download=False)
+    assert data.root == str(tmp_path / "rel")
 
 
 def test_mnist_resize_and_spec(tmp_path: Path) -> None:
@@ -166,13 +272,19 @@ def test_mnist_resize_and_spec(tmp_path: Path) -> None:
 
 
 def test_missing_dataset_one_error_with_instructions(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError) as err:
+        build_dataset("fashion_mnist", allow_download=False)
+    msg = str(err.value)
+    assert "no-such-system-dir" in msg and str(tmp_path / "xdg-cache") in msg
+    assert "train-images-idx3-ubyte" in msg and "CONDENSE_DATA_ROOT unset" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "scripts/get_data.sh" in msg
+    assert "dataset.root=PATH" in msg and "download disabled" in msg.lower()
     bogus = tmp_path / "bogus"
     with pytest.raises(DatasetNotFoundError) as err:
         build_dataset("fashion_mnist", bogus, allow_download=False)
     msg = str(err.value)
-    assert str(bogus) in msg and "no-such-system-dir" in msg
-    assert "apt-get install dataset-fashion-mnist" in msg and "scripts/get_data.sh" in msg
-    assert "dataset.root=PATH" in msg and "download disabled" in msg.lower()
+    assert str(bogus) in msg and "no-such-system-dir" not in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "download disabled" in msg.lower()
 
 
 def test_offline_env_disables_download(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -289,3 +289,14 @@ def test_compiled_first_order_matches_eager() -> None:
     frozen = {n: p.detach() for n, p in params.items()}
     with pytest.raises(ConfigError, match="own trainable parameters"):
         per_class_grads(net, x, y, create_graph=False, params=frozen, compile=True)
+
+
+def test_has_batchnorm_lives_in_ops_and_models_reexport_it() -> None:
+    """``has_batchnorm`` is an ops helper (ops import no models); ``condense.models`` re-exports it."""
+    import condense.models
+    from condense.ops import has_batchnorm
+
+    assert condense.models.has_batchnorm is has_batchnorm
+    assert has_batchnorm(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(nn.BatchNorm2d(2))))
+    assert has_batchnorm(nn.Sequential(nn.Linear(2, 2), nn.SyncBatchNorm(2)))
+    assert not has_batchnorm(nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(2, 2), nn.LayerNorm(4)))

@@ -113,3 +113,63 @@ def test_stem_backward_equals_autograd_through_the_stock_block(channels: int, si
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="input"):
         stem_apply(net, x.requires_grad_(True), compiled=False)
+
+
+#: The registry networks the fused stem is selected for: ConvNets with instance norm, ReLU and
+#: average pooling (the structure it computes), and no other network.
+FUSABLE = {"convnet", "convnet_w32", "convnet_w64", "convnet_w256", "convnet_d1", "convnet_d2", "convnet_d4"}
+
+
+@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32)])
+def test_fused_stem_selected_exactly_for_instance_norm_convnets(channels: int, size: int) -> None:
+    """ConvNet-3 with instance norm (and its width/depth variants) is fusable; BatchNorm /
+    LayerNorm / max-pool ConvNets, AlexNet, VGG, ResNet, LeNet and the MLP are not."""
+    from condense.models import MODELS, ConvNet
+
+    selected = {n for n in MODELS.names() if fusable_stem(create_model(n, channels, 4, (size, size)))}
+    assert selected == FUSABLE
+    for name in ("convnet", "convnet_bn", "alexnet"):
+        net = create_model(name, channels, 4, (size, size))
+        assert isinstance(net, ConvNet) == name.startswith("convnet")
+    net = create_model("convnet", channels, 4, (size, size), depth=3, norm="instancenorm")
+    assert fusable_stem(net) and not fusable_stem(create_model("convnet_bn", channels, 4, (size, size)))
+    assert not fusable_stem(create_model("alexnet", channels, 4, (size, size)))
+
+
+class _Plain(nn.Module):
+    """Not a zoo network: the duck-typed structure the fused stem needs, built from stock layers."""
+
+    def __init__(self, pool: nn.Module, conv: nn.Conv2d | None = None, norm: nn.Module | None = None) -> None:
+        super().__init__()
+        conv = conv or nn.Conv2d(1, 6, 3, padding=1)
+        self.features = nn.Sequential(nn.Sequential(conv, norm or nn.GroupNorm(6, 6), nn.ReLU(), pool))
+        self.classifier = nn.Linear(6 * 4 * 4, 3)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.features(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+def test_fusable_stem_is_structural() -> None:
+    """Detected from the layers and their attributes, not the class: a stock ``nn.AvgPool2d(2, 2)``
+    network is fused (and equals its stock forward); other pools, convs and norms are not."""
+    net = _Plain(nn.AvgPool2d(2, 2)).double().requires_grad_(False)
+    assert fusable_stem(net)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(stem_apply(net, x, compiled=False), net.features[0](x), rtol=1e-10, atol=1e-10)
+    assert not fusable_stem(_Plain(nn.AvgPool2d(3, 2)))
+    assert not fusable_stem(_Plain(nn.AvgPool2d(2, 1)))
+    assert not fusable_stem(_Plain(nn.AvgPool2d(2, 2, padding=1)))
+    assert not fusable_stem(_Plain(nn.AvgPool2d(2, 2, ceil_mode=True)))
+    assert not fusable_stem(_Plain(nn.MaxPool2d(2, 2)))
+    assert not fusable_stem(_Plain(nn.AvgPool2d(2, 2), conv=nn.Conv2d(1, 6, 3, stride=2)))
+    assert not fusable_stem(_Plain(nn.AvgPool2d(2, 2), conv=nn.Conv2d(1, 6, 3, padding=1, padding_mode="reflect")))
+    assert not fusable_stem(_Plain(nn.AvgPool2d(2, 2), norm=nn.GroupNorm(2, 6)))
+    assert not fusable_stem(_Plain(nn.AvgPool2d(2, 2), norm=nn.GroupNorm(6, 6, affine=False)))
+    assert not fusable_stem(_Plain(nn.AvgPool2d(2, 2), norm=nn.BatchNorm2d(6)))
+    headless = _Plain(nn.AvgPool2d(2, 2))
+    headless.classifier = nn.Identity()  # type: ignore[assignment]
+    assert not fusable_stem(headless)
