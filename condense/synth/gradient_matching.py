@@ -42,15 +42,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from condense.errors import ConfigError, NonFiniteError
 from condense.ops._nn import has_batchnorm
 from condense.ops.distances import METRICS, gradient_distance
-from condense.ops.grads import IMPLS, _upcast, freeze_bn_stats, matching_params, per_class_grads
+from condense.ops.grads import IMPLS, freeze_bn_stats, matching_params, per_class_grads
 from condense.synth._matching import IMAGE_OPTIMIZER_DEFAULTS, INITS, MatchingSynthesizer
 from condense.synth.base import SynthContext, register_synthesizer
+from condense.train import FitConfig, fit
 from condense.types import SyntheticSet
 
 log = logging.getLogger(__name__)
@@ -110,33 +110,21 @@ def _train_epochs(
     bf16: bool = False,
     micro_batch: int = 0,
 ) -> None:
-    """``epochs`` passes of SGD over ``(images, labels)`` (detached), shuffled per epoch.
+    """``epochs`` passes of the network's optimizer ``opt`` over ``(images, labels)`` (detached),
+    shuffled per epoch: the training engine (:func:`condense.train.fit`) continuing ``opt``.
 
     Args:
         images: ``(N, C, H, W)``; labels: ``(N,)``.
+        generator: shuffling and augmentation draw from it (the run's generator).
         augment: a DSA (fresh, non-siamese parameters per batch) or ``None``.
         micro_batch: accumulate each batch's gradient over forwards of this many images (same
             gradient; 0 = one forward). Ignored for BatchNorm networks, whose train-mode
             statistics depend on the forward's batch.
     """
-    images, labels = images.detach(), labels.detach()
-    n = images.shape[0]
-    if has_batchnorm(model):
-        micro_batch = 0
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator, device=generator.device).to(images.device)
-        for idx in order.split(batch_size):
-            x, y = images[idx], labels[idx]
-            if augment is not None:
-                x = augment.apply(x, augment.sample(x.shape[0], generator, device=x.device))
-            opt.zero_grad(set_to_none=True)
-            step = micro_batch if 0 < micro_batch < x.shape[0] else x.shape[0]
-            for xm, ym in zip(x.split(step), y.split(step), strict=True):
-                with _autocast(images.device, bf16):
-                    loss = F.cross_entropy(_upcast(model(xm)), ym)
-                (loss * (xm.shape[0] / x.shape[0])).backward()
-            opt.step()
+    cfg = FitConfig(epochs=epochs, batch_size=batch_size, schedule="constant", loss="ce", bf16=bf16,
+                    micro_batch=micro_batch)
+    fit(model, (images.detach(), labels.detach()), cfg, generators=[generator], augment=augment,
+        optimizer=opt)
 
 
 # --------------------------------------------------------------------------------------------

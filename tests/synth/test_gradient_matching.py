@@ -67,6 +67,10 @@ class SpyAug:
         self.calls.append("apply")
         return self.inner.apply(*a, **k)
 
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Non-siamese use (the training engine's per-batch augmentation): sample, then apply."""
+        return self.apply(x, self.sample(x.shape[0], generator, device=x.device))
+
 
 # ---------------------------------------------------------------- registry and configs
 
