@@ -63,8 +63,9 @@ def cpu_isa() -> str:
 
 def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
     """CPU model, core count, its ISA (:func:`cpu_isa`), torch version, device, native bf16,
-    the measured bf16/fp32 speed ratio on a CPU (:func:`condense.runtime.bf16_speedup`; ``None`` elsewhere), and the GPU name
-    where there is one."""
+    the measured bf16/fp32 speed ratio on a CPU (:func:`condense.runtime.bf16_speedup`: recorded
+    to read a run's speed by, it decides nothing; ``None`` elsewhere), and the GPU name where
+    there is one."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
@@ -145,6 +146,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Pretty JSON, written atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def relative_path(path: str | Path) -> str:
+    """``path`` relative to the current working directory when it lies under it, else absolute:
+    how records name run directories and data folders (a results tree moves with its repo)."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def portable_path(path: str | Path) -> str:
+    """How a record names a path so that it means the same on every machine: relative to the
+    working directory when under it (a repository's results and runs), ``~/...`` under the home
+    directory (caches), else absolute (a system location such as a distribution's data folder).
+    For recording only: ``~`` is not expanded by the code reading paths back."""
+    p = Path(path).expanduser().resolve()
+    for base, prefix in ((Path.cwd().resolve(), ""), (Path.home().resolve(), "~/")):
+        try:
+            return prefix + p.relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return str(p)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -36,17 +36,15 @@ def keep_freed_memory() -> bool:
     return _KEPT
 
 
-BF16_CHOICES = ("true", "false", "auto")
-
-
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` computes bfloat16 natively (so bf16 autocast is a speed-up, not a loss).
 
     CUDA: ``torch.cuda.is_bf16_supported()``. CPU: AVX-512 BF16 or AMX tiles (x86). Without them
     PyTorch emulates bfloat16 through float32 conversions: on an AVX2-only AMD EPYC (Zen 3) a
     DC ipc 1 matching iteration took 166 s in bf16 autocast against 11 s in float32. Other
-    devices (MPS, ...): ``False``. Native is necessary, not sufficient, for a speed-up: see
-    :func:`bf16_speedup`, which ``bf16: auto`` also consults (:func:`bf16_pays`).
+    devices (MPS, ...): ``False``. Native is necessary, not sufficient, for a speed-up (a Xeon
+    with AVX-512 BF16 but no AMX ran a matching step at 0.8x the fp32 speed): there, choose
+    ``precision=fp32``; :func:`bf16_speedup` measures it (recorded, never used to decide).
     """
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -58,23 +56,28 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
-#: ``bf16: auto`` on a CPU turns bf16 on only where the probe block runs at least this much
-#: faster in bf16 autocast than in fp32 (a margin against timing noise).
-BF16_MIN_SPEEDUP = 1.15
+def default_precision(device: torch.device | str) -> str:
+    """The precision of the distillation networks when a config does not choose one: ``"bf16"``
+    where ``device`` computes bfloat16 natively (:func:`native_bf16`: CUDA with bf16 support, a
+    CPU with AVX-512 BF16 or AMX), else ``"fp32"``. Decided by the hardware alone, never by a
+    timing: the same config makes the same choice on every run on one machine."""
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 _BF16_SPEEDUP: dict[str, float] = {}
 
 
 def bf16_speedup(device: torch.device | str = "cpu", *, repeats: int = 7) -> float | None:
     """Measured speed of bfloat16 autocast relative to float32 on a CPU: ``t_fp32 / t_bf16``.
 
-    "Native" bf16 does not mean fast: on an Intel Xeon with AVX-512 BF16 but no AMX, a
-    ConvNet-3 matching step ran 0.8x as fast under bf16 autocast as in fp32 (oneDNN's bf16
-    convolution backward was slower than the fp32 one), while a Xeon with fast bf16 ran a DM
-    iteration 2.7x faster with it (``benchmarks/results/perf/``). So the probe times the block
+    Recorded with every result (``machine.bf16_speedup``) to read its speed by; it decides
+    nothing (the default precision is :func:`default_precision`, from the ISA). "Native" bf16
+    does not mean fast: on an Intel Xeon with AVX-512 BF16 but no AMX, a ConvNet-3 matching step
+    ran 0.8x as fast under bf16 autocast as in fp32, while a Xeon with fast bf16 ran a DM
+    iteration 2.7x faster with it (``benchmarks/results/perf/``). The probe times the block
     every matcher spends its time in: Conv3x3(128 -> 128) -> instance norm -> ReLU -> AvgPool2
     on a ``(32, 128, 16, 16)`` batch, forward and backward (weights and input), fp32 and bf16
-    alternately, the fastest of ``repeats`` calls each (a shared machine only ever adds time: a
-    median of 5 read 1.29 once and 0.65-0.83 in three other processes on the same idle Xeon).
+    alternately, the fastest of ``repeats`` calls each (a shared machine only ever adds time).
     Measured once per process (~0.7 s).
 
     Returns:
@@ -112,26 +115,3 @@ def bf16_speedup(device: torch.device | str = "cpu", *, repeats: int = 7) -> flo
     _BF16_SPEEDUP["cpu"] = round(ratio, 3)
     log.info("bf16 probe: bf16 autocast runs %.2fx the fp32 speed on this CPU", ratio)
     return _BF16_SPEEDUP["cpu"]
-
-
-def bf16_pays(device: torch.device | str) -> bool:
-    """What ``bf16: auto`` resolves to: native bf16 (:func:`native_bf16`) and, on a CPU, measured
-    faster than fp32 by :data:`BF16_MIN_SPEEDUP` (:func:`bf16_speedup`); CUDA: native is enough."""
-    dev = torch.device(device)
-    if not native_bf16(dev):
-        return False
-    if dev.type == "cpu":
-        return (bf16_speedup(dev) or 0.0) >= BF16_MIN_SPEEDUP
-    return True
-
-
-def resolve_bf16(value: object, device: torch.device | str, where: str = "bf16") -> object:
-    """``"auto"`` -> :func:`bf16_pays` on ``device``; booleans and other values pass through
-    (the strict config conversion checks them). Any other string fails naming the choices."""
-    from condense.errors import ConfigError
-
-    if isinstance(value, str):
-        if value != "auto":
-            raise ConfigError(f"{where} must be one of {', '.join(BF16_CHOICES)}, got {value!r}")
-        return bf16_pays(device)
-    return value

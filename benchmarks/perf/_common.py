@@ -167,15 +167,14 @@ def conv_peak_gflops(batch: int = 256, channels: int = 128, size: int = 16, repe
 
 
 def synth_context(data: RealData, *, ipc: int, width: int, seed: int, augment: bool) -> SynthContext:
-    """The CLI's synthesis context (:func:`condense.cli.build.synth_context`: class index, seeded
-    generator, the dataset's DSA strategy) on the CPU for ConvNet-3 of ``width``, without the
-    augmentation unless ``augment``: what every perf script's synthesizers run in."""
-    from omegaconf import OmegaConf
+    """The pipeline's synthesis context (:func:`condense.config.synth_context`, what
+    ``condense.distil`` and the CLI build: class index, seeded generator, the dataset's DSA
+    strategy) on the CPU for ConvNet-3 of ``width``, without the augmentation unless ``augment``:
+    what every perf script's synthesizers run in."""
+    from condense.config import synth_context as run_synth_context
 
-    from condense.cli.build import synth_context as cli_synth_context
-
-    cfg = OmegaConf.create({"seed": seed, "ipc": ipc, "model": {"name": "convnet", "kwargs": {"width": width}}})
-    ctx = cli_synth_context(cfg, data, torch.device("cpu"))
+    cfg = {"seed": seed, "ipc": ipc, "model": {"name": "convnet", "kwargs": {"width": width}}}
+    ctx = run_synth_context(cfg, data, torch.device("cpu"))
     return ctx if augment else dataclasses.replace(ctx, augment=None)
 
 

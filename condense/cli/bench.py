@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from condense.cli._conf import CONF_DIR, group_choices
 from condense.errors import ConfigError
+from condense.provenance import relative_path
 
 REPO = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO / "conf"
 DEFAULTS: dict[str, Any] = {
     "suite": None,
     "dry_run": False,
@@ -123,7 +124,7 @@ def suite_names(suites_dir: Path) -> list[str]:
 
 
 def _choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    return group_choices(group)
 
 
 def _method_has_flip(method: str) -> bool:
@@ -309,8 +310,8 @@ def make_calls(todo: list[Run], *, results_dir: Path, runs_dir: Path, suite: str
         argv += list(r0.overrides)
         if r0.tag:
             argv.append(f"tag={r0.tag}")
-        argv += [f"result_json={_q(results_dir / r0.dataset / r0.label / (stem + '.json'))}",
-                 f"hydra.sweep.dir={_q(runs_dir / suite / r0.dataset / r0.label)}",
+        argv += [f"result_json={_q(relative_path(results_dir / r0.dataset / r0.label / (stem + '.json')))}",
+                 f"hydra.sweep.dir={_q(relative_path(runs_dir / suite / r0.dataset / r0.label))}",
                  f"hydra.sweep.subdir={_q(stem)}", *LAUNCHERS[launcher]]
         if resume:
             argv.append("resume=true")

@@ -185,7 +185,11 @@ def test_real_smoke_suite_and_report(tmp_path: Path) -> None:
         assert "$" not in rec["command"] and f"result_json={path}" in rec["command"]
         assert rec["distill"]["init_s"] >= 0
     out = tmp_path / "site" / "LEADERBOARD.md"
-    assert report([f"results_dir={res}", f"out={out}", f"html={tmp_path / 'site' / 'lb.html'}"]) == 0
+    # records written from a checkout with uncommitted changes are refused unless allowed
+    args = [f"results_dir={res}", f"out={out}", f"html={tmp_path / 'site' / 'lb.html'}"]
+    dirty = rec["code_version"]["dirty"]
+    assert report(args) == (2 if dirty else 0)
+    assert report([*args, "allow_dirty=true"]) == 0
     assert (tmp_path / "site" / "figures" / "preview-fashion_mnist-smoke-dm-ipc1.png").exists()
 
 

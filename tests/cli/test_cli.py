@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from condense.cli.build import eval_config, method_config, resolve_iterations, run_config, validate
+from condense.cli.build import compose
 from condense.cli.main import CONF_DIR, group_choices
+from condense.config import eval_config, method_config, resolve_iterations, run_config, validate
 from condense.errors import ConfigError
-from condense.runtime import bf16_pays, native_bf16
-from tests.conftest import needs_fmnist
+from condense.runtime import native_bf16
+from tests.conftest import FMNIST_DIR, needs_fmnist
 
 CONDENSE = [sys.executable, "-c", "from condense.cli.main import main; main()"]
 CONDENSE_EVAL = [sys.executable, "-c", "from condense.cli.main import eval_main; eval_main()"]
@@ -34,85 +34,97 @@ def _run(args, cwd, cmd=CONDENSE, timeout=300):
 def test_every_combination_composes_and_builds():
     groups = {g: group_choices(g) for g in ("method", "dataset", "model", "eval", "budget", "logger")}
     assert {"random", "herding", "kcenter"} <= set(groups["method"])
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        n = 0
-        # all methods x budgets x ipcs with the default rest; then every other group's choices
-        for method, budget, ipc in itertools.product(groups["method"], groups["budget"], [1, 10, 50]):
-            cfg = compose("config", overrides=[f"method={method}", f"budget={budget}", f"ipc={ipc}"])
-            built = validate(cfg)
-            assert built["iterations"] >= 0 and built["eval"].num_models >= 1
+    assert (CONF_DIR / "config.yaml").is_file()
+    n = 0
+    # all methods x budgets x ipcs with the default rest; then every other group's choices
+    for method, budget, ipc in itertools.product(groups["method"], groups["budget"], [1, 10, 50]):
+        built = validate(compose([f"method={method}", f"budget={budget}", f"ipc={ipc}"]))
+        assert built.iterations >= 0 and built.eval.num_models >= 1
+        n += 1
+    for g in ("dataset", "model", "eval", "logger"):
+        for choice in groups[g]:
+            extra = ["dataset.root=/x"] if g == "dataset" and choice == "imagefolder" else []
+            validate(compose([f"{g}={choice}", "ipc=1", *extra]))
             n += 1
-        for g in ("dataset", "model", "eval", "logger"):
-            for choice in groups[g]:
-                extra = ["dataset.root=/x"] if g == "dataset" and choice == "imagefolder" else []
-                cfg = compose("config", overrides=[f"{g}={choice}", "ipc=1", *extra])
-                validate(cfg)
-                n += 1
     assert n > 30
 
 
 def test_budget_resolution():
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["method=random", "budget=cpu", "ipc=50"])
-        e = eval_config(cfg)
-        assert (e.epochs, e.num_models, e.dsa) == (300, 3, True)
-        cfg = compose("config", overrides=["method=herding", "budget=smoke"])
-        m = method_config(cfg)
-        assert m.feature_train_size == 500  # the budget's method override
-        assert resolve_iterations(cfg, m) == 0
-        cfg = compose("config", overrides=["budget=smoke", "eval.epochs=7"])
-        assert eval_config(cfg).epochs == 7  # explicit beats the budget
+    cfg = compose(["method=random", "budget=cpu", "ipc=50"])
+    e = eval_config(cfg)
+    assert (e.epochs, e.num_models, e.dsa) == (300, 3, True)
+    cfg = compose(["method=herding", "budget=smoke"])
+    m = method_config(cfg)
+    assert m.feature_train_size == 500  # the budget's method override
+    assert resolve_iterations(cfg, m) == 0
+    cfg = compose(["budget=smoke", "eval.epochs=7"])
+    assert eval_config(cfg).epochs == 7  # explicit beats the budget
 
 
 def test_budget_per_ipc_overrides_and_deadline():
     """cpu: method settings with per-ipc sub-tables, a wall-clock cap per ipc, published iteration cap."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for ipc, batch, inner, secs in ((1, 128, None, 900.0), (10, 128, 10, 900.0), (50, 64, 5, 1800.0)):
-            cfg = compose("config", overrides=["method=dsa", "budget=cpu", f"ipc={ipc}"])
-            m = method_config(cfg)
-            assert (m.batch_real, m.inner_loop, m.bf16, m.compile) == (batch, inner, bf16_pays("cpu"), True)
-            assert run_config(cfg, None, []).max_seconds == secs
-            table = cfg.budget.iterations.get("dsa", {}).get(f"ipc{ipc}")
-            assert resolve_iterations(cfg, m) == (table or 1000)  # table, else the published cap
-        cfg = compose("config", overrides=["method=dsa", "budget=cpu", "ipc=1", "++budget.iterations.dsa.ipc1=7"])
-        assert resolve_iterations(cfg, method_config(cfg)) == 7  # the budget's table beats the published cap
-        cfg = compose("config", overrides=["method=dsa", "budget=cpu", "ipc=1", "++budget.iterations.dsa.ipc1=7",
-                                           "iterations=3"])
-        assert resolve_iterations(cfg, method_config(cfg)) == 3  # ... and the command line beats the table
-        cfg = compose("config", overrides=["method=dsa", "budget=cpu", "ipc=10", "max_seconds=5",
-                                           "method.batch_real=32"])
-        assert run_config(cfg, None, []).max_seconds == 5.0  # the command line beats the budget
-        assert method_config(cfg, explicit={"batch_real"}).batch_real == 32  # ... for method.* too
-        assert method_config(cfg, explicit=set()).batch_real == 128
-        cfg = compose("config", overrides=["method=dm", "budget=demo", "ipc=10"])
+    bf16 = native_bf16("cpu")  # the default precision on this CPU (no explicit precision)
+    for ipc, batch, inner, secs in ((1, 128, None, 900.0), (10, 128, 10, 900.0), (50, 64, 5, 1800.0)):
+        cfg = compose(["method=dsa", "budget=cpu", f"ipc={ipc}", "device=cpu"])
         m = method_config(cfg)
-        assert resolve_iterations(cfg, m) == 1000 and run_config(cfg, None, []).max_seconds == 300.0
-        assert (m.bf16, m.compile) == (bf16_pays("cpu"), True)  # bf16: auto in the cpu budget
+        assert (m.batch_real, m.inner_loop, m.bf16, m.compile) == (batch, inner, bf16, True)
+        assert run_config(cfg, None, []).max_seconds == secs
+        table = cfg["budget"]["iterations"].get("dsa", {}).get(f"ipc{ipc}")
+        assert resolve_iterations(cfg, m) == (table or 1000)  # table, else the published cap
+    cfg = compose(["method=dsa", "budget=cpu", "ipc=1", "++budget.iterations.dsa.ipc1=7"])
+    assert resolve_iterations(cfg, method_config(cfg)) == 7  # the budget's table beats the published cap
+    cfg = compose(["method=dsa", "budget=cpu", "ipc=1", "++budget.iterations.dsa.ipc1=7", "iterations=3"])
+    assert resolve_iterations(cfg, method_config(cfg)) == 3  # ... and the command line beats the table
+    cfg = compose(["method=dsa", "budget=cpu", "ipc=10", "max_seconds=5", "method.batch_real=32"])
+    assert run_config(cfg, None, []).max_seconds == 5.0  # the command line beats the budget
+    assert method_config(cfg, explicit={"batch_real"}).batch_real == 32  # ... for method.* too
+    assert method_config(cfg, explicit=set()).batch_real == 128
+    cfg = compose(["method=dm", "budget=demo", "ipc=10", "device=cpu"])
+    m = method_config(cfg)
+    assert resolve_iterations(cfg, m) == 1000 and run_config(cfg, None, []).max_seconds == 300.0
+    assert (m.bf16, m.compile) == (bf16, True)
 
 
-def test_bf16_auto_resolves_by_the_device_and_bad_values_name_the_choices(monkeypatch):
-    """``bf16: auto`` becomes a bool for the device: native bf16 *and* measured faster than fp32
-    (the probe's ratio at least BF16_MIN_SPEEDUP); a bad string is one error."""
+def test_precision_default_follows_the_isa_never_a_timing(monkeypatch):
+    """No ``precision``: bf16 exactly where the CPU has AVX-512 BF16 or AMX, whatever a timing
+    says (the bf16 probe is made to fail if anything calls it); explicit choices win; the record's
+    source says which; ``bf16: auto`` is gone (one line naming the choices)."""
     import torch
 
     import condense.runtime as rt
+    from condense.config import validate
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for native, speedup, want in ((True, 2.0, True), (True, 0.8, False), (True, 1.1, False),
-                                      (False, 2.0, False)):
-            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
-            monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-            monkeypatch.setitem(rt._BF16_SPEEDUP, "cpu", speedup)
-            cfg = compose("config", overrides=["method=dc", "budget=cpu", "ipc=1", "device=cpu"])
-            assert method_config(cfg, explicit=set()).bf16 is want
-            cfg = compose("config", overrides=["method=dm", "ipc=1", "device=cpu", "method.bf16=auto"])
-            assert method_config(cfg, explicit={"bf16"}).bf16 is want
-        cfg = compose("config", overrides=["method=dm", "ipc=1", "method.bf16=true"])
-        assert method_config(cfg, explicit={"bf16"}).bf16 is True  # an explicit choice is kept
-        cfg = compose("config", overrides=["method=dm", "ipc=1", "method.bf16=maybe"])
-        with pytest.raises(ConfigError, match=r"method.bf16 must be one of true, false, auto, got 'maybe'"):
-            method_config(cfg, explicit={"bf16"})
+    def no_timing(*args, **kwargs):
+        raise AssertionError("the precision must not depend on a timing")
+
+    monkeypatch.setattr(rt, "bf16_speedup", no_timing)
+    for avx512bf16, amx, want in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        for method, budget in (("dc", "cpu"), ("dm", "smoke"), ("dsa", "paper"), ("datadam", "demo")):
+            built = validate(compose([f"method={method}", f"budget={budget}", "ipc=1", "device=cpu"]))
+            assert built.method.bf16 is want, (method, budget)
+            assert built.precision.to_dict() == {"value": "bf16" if want else "fp32", "source": "default"}
+        for prec in ("fp32", "bf16"):  # an explicit precision beats the ISA
+            built = validate(compose(["method=dm", "ipc=1", "device=cpu", f"precision={prec}"]))
+            assert built.method.bf16 is (prec == "bf16") and built.precision.source == "explicit"
+        built = validate(compose(["method=dm", "ipc=1", "device=cpu", "method.bf16=false"]), {"bf16"})
+        assert built.method.bf16 is False and built.precision.to_dict() == {"value": "fp32", "source": "explicit"}
+        built = validate(compose(["method=random", "ipc=1", "device=cpu"]))
+        assert built.precision.to_dict() == {"value": "fp32", "source": "fixed"}  # no networks in autocast
+    for bad, needle in (("method.bf16=auto", "method.bf16 must be true, false or null (null: the run's "
+                                             "precision), got 'auto'; for the device's default set "
+                                             "precision=null, to choose set precision=fp32 or precision=bf16"),
+                        ("precision=fp16", "precision must be one of fp32, bf16 or null"),
+                        ("precision=auto", "precision must be one of fp32, bf16 or null")):
+        with pytest.raises(ConfigError) as e:
+            validate(compose(["method=dm", "ipc=1", bad]), {"bf16"})
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="precision=fp32 contradicts method.bf16=true"):
+        validate(compose(["method=dm", "ipc=1", "precision=fp32", "method.bf16=true"]), {"bf16"})
     assert native_bf16("meta") is False
+    values = [ln.split("#")[0] for p in CONF_DIR.rglob("*.yaml") for ln in p.read_text().splitlines()]
+    assert not [v for v in values if "bf16" in v and "auto" in v]  # no config asks for bf16: auto
 
 
 @pytest.mark.parametrize(
@@ -204,7 +216,7 @@ def test_record_keeps_the_code_version_taken_at_job_start(tmp_path, monkeypatch)
     """A commit made while a long job runs must not be credited with its result."""
     import condense.provenance as prov
     import condense.synth.runner as runner
-    from condense.cli.main import distil
+    from condense.api import distil
 
     # the working tree "changes" (a commit lands) as soon as the synthesis starts
     start, later = {"git_sha": "a" * 40, "dirty": False}, {"git_sha": "b" * 40, "dirty": True}
@@ -217,11 +229,10 @@ def test_record_keeps_the_code_version_taken_at_job_start(tmp_path, monkeypatch)
 
     monkeypatch.setattr(prov, "code_version", lambda: state["now"])
     monkeypatch.setattr(runner, "run", run_then_commit)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["method=random", "ipc=1", "budget=smoke", "evaluate=false",
-                                           "device=cpu", "progress=false", f"cache_dir={tmp_path / 'cache'}",
-                                           f"result_json={tmp_path / 'record.json'}"])
-    record = distil(cfg, tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["method=random", "ipc=1", "budget=smoke", "evaluate=false", "device=cpu", "progress=false",
+                   f"cache_dir={tmp_path / 'cache'}", f"result_json={tmp_path / 'record.json'}"])
+    record = distil(config=cfg, run_dir=tmp_path / "run", command="condense method=random").record
     assert state["now"] == later  # the run did go through the patched runner
     assert record["code_version"] == start
     assert json.loads((tmp_path / "record.json").read_text())["code_version"] == start
@@ -230,3 +241,11 @@ def test_record_keeps_the_code_version_taken_at_job_start(tmp_path, monkeypatch)
     speed = record["machine"]["gemm_gflops"]
     assert set(speed) == {"start", "end"} and speed["start"] > 0 and speed["end"] > 0
     assert isinstance(record["machine"]["native_bf16"], bool)
+    # relative run dir, the data actually read, the preparation time, the precision and its source
+    assert record["run_dir"] == "run" and record["command"] == "condense method=random"
+    if "CONDENSE_DATA_ROOT" not in os.environ:
+        assert Path(record["dataset_root"]) == FMNIST_DIR
+    assert record["prepare"]["wall_s"] is None or record["prepare"]["wall_s"] >= 0
+    assert record["precision"] == {"value": "fp32", "source": "fixed"}
+    # the config as run, with its paths written portably (relative to the working directory here)
+    assert record["config"] == {**cfg, "cache_dir": "cache", "result_json": "record.json"}

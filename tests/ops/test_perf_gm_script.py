@@ -84,17 +84,15 @@ def test_pool_script_tiny(perf_modules, tmp_path):
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_synth_context_is_the_clis(perf_modules, augment):
-    """The perf scripts run the CLI's context (same class index, generator seeding, DSA strategy),
-    on ConvNet-3 of the asked width, with augmentation only when asked."""
+    """The perf scripts run the pipeline's context (same class index, generator seeding, DSA
+    strategy), on ConvNet-3 of the asked width, with augmentation only when asked."""
     common, _ = perf_modules
-    from omegaconf import OmegaConf
-
-    from condense.cli.build import synth_context as cli_synth_context
+    from condense.config import synth_context as run_synth_context
 
     data, _ = common.load_data("no_such_dataset_here")
     ctx = common.synth_context(data, ipc=3, width=16, seed=7, augment=augment)
-    cfg = OmegaConf.create({"seed": 7, "ipc": 3, "model": {"name": "convnet", "kwargs": {"width": 16}}})
-    cli = cli_synth_context(cfg, data, torch.device("cpu"))
+    cfg = {"seed": 7, "ipc": 3, "model": {"name": "convnet", "kwargs": {"width": 16}}}
+    cli = run_synth_context(cfg, data, torch.device("cpu"))
     assert (ctx.ipc, ctx.seed, ctx.model_name, ctx.model_kwargs) == (3, 7, "convnet", {"width": 16})
     assert torch.equal(ctx.generator.get_state(), cli.generator.get_state())
     if augment:

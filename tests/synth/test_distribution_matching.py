@@ -302,6 +302,9 @@ def test_method_yaml_matches_config(name: str) -> None:
     assert node.pop("name") == name
     cls = SYNTHESIZERS.get(name)
     defaults = dataclasses.asdict(cls.Config())
+    # bf16: null = the run's precision (condense.config resolves it from precision=fp32|bf16)
+    assert node.get("bf16", "absent") is None
+    node["bf16"] = defaults["bf16"]
     # The image-optimizer fields (condense.synth._matching) may be absent from the YAML: the
     # dataclass defaults (plain SGD, constant lr) apply then. Every other field is stated.
     missing = set(defaults) - set(node)

@@ -93,6 +93,9 @@ def test_registry_and_defaults() -> None:
 def test_yaml_matches_config(name: str, cls: type) -> None:
     node = yaml.safe_load((REPO / "conf" / "method" / f"{name}.yaml").read_text())
     assert node.pop("name") == name
+    # bf16: null = the run's precision (condense.config resolves it from precision=fp32|bf16)
+    assert node.get("bf16", "absent") is None
+    node["bf16"] = cls().bf16
     fields = {f.name for f in dataclasses.fields(cls)}
     # the image-optimizer fields may be absent (their dataclass defaults apply); all others are stated
     assert set(node) <= fields and fields - set(node) <= set(IMAGE_OPTIMIZER_DEFAULTS)
