@@ -9,7 +9,10 @@ A run directory holds:
   its resolved config, seed, code version, creation time, SHA-256 and size of every file, total
   storage bytes. Written LAST, so a crash never leaves a manifest that vouches for half a set.
 
-Every file is written to a temp file and renamed into place.
+Every file is written to a temp file and renamed into place. Loading trusts nothing: it checks
+every manifest field (types, ranges, and the fields that repeat one another), each file's size
+from the file system before reading it, its SHA-256, and the tensors' names, dtypes and shapes
+against the manifest; whatever is wrong is one :class:`~condense.errors.ArtifactError` line.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import hashlib
 import io
 import json
 import logging
+import math
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -138,73 +144,318 @@ def save_synset(
     return run_dir / MANIFEST
 
 
+#: Upper bound on the size of ``manifest.json`` (a real one is a few KB; config included).
+MAX_MANIFEST_BYTES = 16 << 20
+#: Upper bound on the JSON header of ``synset.safetensors`` (it lists at most four tensors).
+MAX_HEADER_BYTES = 1 << 20
+#: The tensors a synset file may hold: name -> required.
+TENSORS = {"images": True, "labels": True, "lr": False, "zca_matrix": False}
+#: Top-level manifest fields :func:`save_synset` always writes (the loader requires each).
+MANIFEST_FIELDS = ("format", "schema_version", "dataset", "normalization", "ipc", "num_images", "class_order",
+                   "labels", "learned_lr", "zca", "method", "config", "seed", "code_version", "created", "files",
+                   "storage_bytes", "tensor_bytes", "eval_recipe", "extra")
+_HASH_CHUNK = 1 << 20
+
+
+def _line(text: object) -> str:
+    """``text`` on one line (messages of wrapped exceptions may hold newlines)."""
+    return " ".join(str(text).split())
+
+
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
-    """The manifest of ``run_dir``, checked for format and schema version."""
+    """The manifest of ``run_dir``, checked for format and schema version (not yet for its fields)."""
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{path} not found: {run_dir} is not a condense artifact directory "
                             f"(expected {MANIFEST} and {SYNSET})")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); the artifact is corrupted") from None
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{path} has {size} bytes, more than a manifest can hold "
+                                f"({MAX_MANIFEST_BYTES}); the artifact is corrupted")
+        manifest = json.loads(path.read_bytes())
+    except OSError as e:
+        raise ArtifactError(f"{path} cannot be read ({_line(e)})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ArtifactError(f"{path} is not valid JSON ({_line(e)}); the artifact is corrupted") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a condense manifest (format "
-                            f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ArtifactError(f"{path} is not a condense manifest (format {_line(repr(found))[:80]}, "
                             f"expected {FORMAT!r})")
     ver = manifest.get("schema_version")
-    if ver != SCHEMA_VERSION:
-        raise ArtifactError(f"{path} has schema_version {ver!r}; this condense reads "
+    if ver != SCHEMA_VERSION or isinstance(ver, bool):
+        raise ArtifactError(f"{path} has schema_version {_line(repr(ver))[:80]}; this condense reads "
                             f"schema_version {SCHEMA_VERSION} only")
     return manifest
 
 
+def _is_int(x: Any, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _bad(where: Path, field: str, value: Any, want: str) -> ArtifactError:
+    """The error for a manifest field that is not what :func:`save_synset` writes."""
+    return ArtifactError(f"{where} field {field} is {_line(repr(value))[:60]}, expected {want}; the manifest "
+                         f"was edited or corrupted")
+
+
+def _check_dataset(d: Any, where: Path) -> DatasetSpec:
+    """The manifest's ``dataset`` entry as a :class:`DatasetSpec`, each field checked."""
+    if not isinstance(d, dict):
+        raise _bad(where, "dataset", d, "an object")
+    if not isinstance(d.get("name"), str):
+        raise _bad(where, "dataset.name", d.get("name"), "a string")
+    for key in ("channels", "num_classes"):
+        if not _is_int(d.get(key), 1):
+            raise _bad(where, f"dataset.{key}", d.get(key), "a positive integer")
+    size = d.get("im_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v, 1) for v in size)):
+        raise _bad(where, "dataset.im_size", size, "[height, width] (positive integers)")
+    k, c = d["num_classes"], d["channels"]
+    names = d.get("class_names")
+    if not (isinstance(names, list) and len(names) == k and all(isinstance(n, str) for n in names)):
+        raise _bad(where, "dataset.class_names", names, f"{k} class names")
+    for key in ("mean", "std"):
+        v = d.get(key)
+        if not (isinstance(v, list) and len(v) == c and all(_is_num(x) and (key == "mean" or x > 0) for x in v)):
+            raise _bad(where, f"dataset.{key}", v, f"{c} finite number(s)" + (" > 0" if key == "std" else ""))
+    return DatasetSpec.from_dict(d)
+
+
+def _manifest_meta(m: dict[str, Any], where: Path) -> tuple[SetMeta, dict[str, Any]]:
+    """The :class:`SetMeta` a manifest describes and the label / lr facts the tensors must match,
+    after checking every field :func:`save_synset` writes (types, ranges, and the fields that
+    repeat one another: normalization vs dataset, counts vs ipc and classes).
+
+    Raises:
+        ArtifactError: naming the first bad field.
+    """
+    missing = [f for f in MANIFEST_FIELDS if f not in m]
+    if missing:
+        raise ArtifactError(f"{where} lacks field(s) {', '.join(missing)}; the manifest was edited or corrupted")
+    spec = _check_dataset(m["dataset"], where)
+    k = spec.num_classes
+    if not isinstance(m["zca"], bool):
+        raise _bad(where, "zca", m["zca"], "true or false")
+    space = "(x/255 - mean) / std" + (", then ZCA" if m["zca"] else "")
+    norm = {"mean": m["dataset"]["mean"], "std": m["dataset"]["std"], "space": space}
+    if m["normalization"] != norm:
+        raise _bad(where, "normalization", m["normalization"], f"the dataset's mean and std, space {space!r}")
+    if not _is_int(m["ipc"], 1):
+        raise _bad(where, "ipc", m["ipc"], "a positive integer")
+    n = k * m["ipc"]
+    if not _is_int(m["num_images"]) or m["num_images"] != n:
+        raise _bad(where, "num_images", m["num_images"], f"{n} ({k} classes x ipc {m['ipc']})")
+    order = m["class_order"]
+    if not (isinstance(order, list) and len(order) == k and all(_is_int(v) and v == i for i, v in enumerate(order))):
+        raise _bad(where, "class_order", order, f"[0, ..., {k - 1}]")
+    if m["labels"] not in ("hard", "soft"):
+        raise _bad(where, "labels", m["labels"], "'hard' or 'soft'")
+    if m["learned_lr"] is not None and not _is_num(m["learned_lr"]):
+        raise _bad(where, "learned_lr", m["learned_lr"], "null or a finite number")
+    for key, kind in (("method", str), ("created", str), ("config", dict), ("code_version", dict), ("extra", dict)):
+        if not isinstance(m[key], kind):
+            raise _bad(where, key, m[key], "a string" if kind is str else "an object")
+    if not _is_int(m["seed"]):
+        raise _bad(where, "seed", m["seed"], "a non-negative integer")
+    if m["eval_recipe"] is not None and not isinstance(m["eval_recipe"], dict):
+        raise _bad(where, "eval_recipe", m["eval_recipe"], "null or an object")
+    meta = SetMeta(dataset=spec, ipc=m["ipc"], method=m["method"], config=m["config"], seed=m["seed"],
+                   zca=m["zca"], code_version=m["code_version"], extra=m["extra"])
+    return meta, {"soft": m["labels"] == "soft", "learned_lr": m["learned_lr"]}
+
+
+def _manifest_files(m: dict[str, Any], where: Path) -> dict[str, dict[str, Any]]:
+    """The ``files`` table: only the names :func:`save_synset` writes, each with a SHA-256 and a
+    size, and the size totals that repeat them."""
+    files = m["files"]
+    if not isinstance(files, dict) or SYNSET not in files:
+        raise ArtifactError(f"{where} lists no {SYNSET} under files; the manifest was edited or corrupted")
+    for name, entry in files.items():
+        if name not in (SYNSET, PREVIEW):
+            raise ArtifactError(f"{where} lists an unknown file {_line(repr(name))[:60]}; an artifact holds "
+                                f"{SYNSET} and {PREVIEW}")
+        if not (isinstance(entry, dict) and _is_int(entry.get("bytes")) and isinstance(entry.get("sha256"), str)
+                and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            raise ArtifactError(f"{where} files.{name} is not {{sha256: 64 hex digits, bytes: integer}}; "
+                                f"the manifest was edited or corrupted")
+    total = sum(e["bytes"] for e in files.values())
+    if m["storage_bytes"] != total or m["tensor_bytes"] != files[SYNSET]["bytes"]:
+        raise ArtifactError(f"{where} storage_bytes / tensor_bytes disagree with its files "
+                            f"({total} / {files[SYNSET]['bytes']}); the manifest was edited or corrupted")
+    return files
+
+
+def _expected_tensors(meta: SetMeta, facts: dict[str, Any]) -> dict[str, tuple[str, list[int]]]:
+    """safetensors dtype and shape of every tensor the manifest implies (``zca_matrix`` optional)."""
+    spec = meta.dataset
+    n, d = spec.num_classes * meta.ipc, spec.channels * spec.im_size[0] * spec.im_size[1]
+    out = {"images": ("F32", [n, spec.channels, *spec.im_size]),
+           "labels": ("F32", [n, spec.num_classes]) if facts["soft"] else ("I64", [n]),
+           "zca_matrix": ("F32", [d, d])}
+    if facts["learned_lr"] is not None:
+        out["lr"] = ("F32", [])
+    return out
+
+
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    return (8 if dtype == "I64" else 4) * math.prod(shape)
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory of this machine (``None`` where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_synset_size(declared: int, expected: dict[str, tuple[str, list[int]]], where: Path) -> None:
+    """Refuse a declared synset size the manifest's own shapes cannot produce, or one this machine
+    cannot hold, before anything is read."""
+    low = 8 + sum(_nbytes(*expected[t]) for t in expected if t != "zca_matrix")
+    high = low + _nbytes(*expected["zca_matrix"]) + MAX_HEADER_BYTES
+    if not low <= declared <= high:
+        raise ArtifactError(f"{where} declares {declared} bytes for {SYNSET}, but the tensors it describes take "
+                            f"{low} to {high}; the manifest was edited or corrupted")
+    mem = _memory_bytes()
+    if mem is not None and declared > mem:
+        raise ArtifactError(f"{where / SYNSET} needs {declared} bytes, more than this machine's memory ({mem})")
+
+
+def _check_preview_size(declared: int, meta: SetMeta, where: Path) -> None:
+    """Refuse a declared preview size far beyond any PNG of the set's grid (twice the raw RGBA
+    pixels plus 64 KiB), before it is read."""
+    spec = meta.dataset
+    cols = min(meta.ipc, PREVIEW_MAX_PER_CLASS)
+    width, height = cols * (spec.im_size[1] + 2) + 2, spec.num_classes * (spec.im_size[0] + 2) + 2
+    high = 2 * (4 * width + 1) * height + (64 << 10)
+    if declared > high:
+        raise ArtifactError(f"{where} declares {declared} bytes for {PREVIEW}, more than a preview of this set "
+                            f"takes (at most {high}); the manifest was edited or corrupted")
+
+
+def _open_checked(path: Path, entry: dict[str, Any]) -> int:
+    """Size of ``path`` after checking it is a regular file of the manifest's size (nothing read)."""
+    try:
+        st = path.stat()
+    except (OSError, ValueError):
+        raise ArtifactError(f"{path} is missing (listed in {MANIFEST})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ArtifactError(f"{path} is not a regular file (listed in {MANIFEST})")
+    if st.st_size != entry["bytes"]:
+        raise ArtifactError(f"{path} has {st.st_size} bytes but the manifest records "
+                            f"{entry['bytes']}: truncated or replaced")
+    return st.st_size
+
+
 def _verified_bytes(run_dir: Path, name: str, entry: dict[str, Any]) -> bytes:
+    """The bytes of ``name`` after its size and SHA-256 checks."""
     path = run_dir / name
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing (listed in {MANIFEST})")
-    data = path.read_bytes()
-    if len(data) != entry.get("bytes"):
-        raise ArtifactError(f"{path} has {len(data)} bytes but the manifest records "
-                            f"{entry.get('bytes')}: truncated or replaced")
-    if _sha256(data) != entry.get("sha256"):
+    size = _open_checked(path, entry)
+    try:
+        with path.open("rb") as f:
+            data = f.read(size + 1)
+    except OSError as e:
+        raise ArtifactError(f"{path} cannot be read ({_line(e)})") from None
+    if len(data) != size:
+        raise ArtifactError(f"{path} changed size while being read: truncated or replaced")
+    if _sha256(data) != entry["sha256"]:
         raise ArtifactError(f"{path} fails its SHA-256 check: the file was modified after saving")
     return data
 
 
+def _verify_streamed(run_dir: Path, name: str, entry: dict[str, Any]) -> None:
+    """Size and SHA-256 checks of ``name`` reading it in chunks (constant memory)."""
+    path = run_dir / name
+    size = _open_checked(path, entry)
+    h, seen = hashlib.sha256(), 0
+    try:
+        with path.open("rb") as f:
+            while seen <= size and (chunk := f.read(_HASH_CHUNK)):
+                h.update(chunk)
+                seen += len(chunk)
+    except OSError as e:
+        raise ArtifactError(f"{path} cannot be read ({_line(e)})") from None
+    if seen != size or h.hexdigest() != entry["sha256"]:
+        raise ArtifactError(f"{path} fails its SHA-256 check: the file was modified after saving")
+
+
+def _check_header(blob: bytes, expected: dict[str, tuple[str, list[int]]], where: Path) -> None:
+    """The safetensors header names only known tensors, each of the dtype and shape the manifest
+    implies, under condense's format tag (checked before any tensor is built)."""
+    size = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else -1
+    if not 0 < size <= min(len(blob) - 8, MAX_HEADER_BYTES):
+        raise ArtifactError(f"{where} is not a readable safetensors file: header size {size} "
+                            f"(file of {len(blob)} bytes)")
+    try:
+        header = json.loads(blob[8:8 + size])
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ArtifactError(f"{where} is not a readable safetensors file: header is not JSON ({_line(e)})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{where} is not a readable safetensors file: header is not an object")
+    tag = {"format": f"{FORMAT};schema_version={SCHEMA_VERSION}"}
+    if header.pop("__metadata__", None) != tag:
+        raise ArtifactError(f"{where} does not carry the format tag {tag['format']!r}; not a condense synset")
+    for name, required in TENSORS.items():
+        if required and name not in header:
+            raise ArtifactError(f"{where} has no {name!r} tensor")
+    if "lr" in expected and "lr" not in header:
+        raise ArtifactError(f"{where} has no 'lr' tensor but the manifest records a learned lr")
+    for name, info in header.items():
+        if name not in expected:
+            raise ArtifactError(f"{where} holds an unexpected tensor {_line(repr(name))[:60]}; valid: "
+                                f"{', '.join(t for t in TENSORS if t in expected)}")
+        got = (info.get("dtype"), info.get("shape")) if isinstance(info, dict) else (None, None)
+        if list(got) != list(expected[name]):
+            want = expected[name]
+            raise ArtifactError(f"{where} tensor {name!r} is {_line(repr(got[0]))[:20]} "
+                                f"{_line(repr(got[1]))[:80]}, expected {want[0]} {want[1]} (from the manifest)")
+
+
 def load_synset(run_dir: str | Path, device: torch.device | str = "cpu") -> SyntheticSet:
-    """Load and verify an artifact directory written by :func:`save_synset`."""
+    """Load and verify an artifact directory written by :func:`save_synset`.
+
+    Every check that can fail runs before the tensors are built: the manifest's fields (types,
+    ranges, the fields that repeat one another), each file's size (from the file system, so a
+    huge declared size is refused before anything is read) and SHA-256, then the tensors' names,
+    dtypes and shapes against the manifest.
+
+    Raises:
+        ArtifactError: one line naming the file and what is wrong with it.
+    """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    files = manifest.get("files") or {}
-    if SYNSET not in files:
-        raise ArtifactError(f"{run_dir / MANIFEST} lists no {SYNSET}")
-    for name, entry in files.items():
-        data = _verified_bytes(run_dir, name, entry)
-        if name == SYNSET:
-            blob = data
+    where = run_dir / MANIFEST
+    meta, facts = _manifest_meta(manifest, where)
+    files = _manifest_files(manifest, where)
+    expected = _expected_tensors(meta, facts)
+    _check_synset_size(files[SYNSET]["bytes"], expected, where)
+    if PREVIEW in files:
+        _check_preview_size(files[PREVIEW]["bytes"], meta, where)
+        _verify_streamed(run_dir, PREVIEW, files[PREVIEW])
+    blob = _verified_bytes(run_dir, SYNSET, files[SYNSET])
+    _check_header(blob, expected, run_dir / SYNSET)
     try:
         tensors = st_load(blob)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise ArtifactError(f"{run_dir / SYNSET} is not a readable safetensors file: {e}") from None
-    for key in ("images", "labels"):
-        if key not in tensors:
-            raise ArtifactError(f"{run_dir / SYNSET} has no {key!r} tensor")
-    try:
-        spec = DatasetSpec.from_dict(manifest["dataset"])
-        meta = SetMeta(
-            dataset=spec, ipc=int(manifest["ipc"]), method=str(manifest["method"]),
-            config=manifest.get("config") or {}, seed=int(manifest.get("seed", 0)),
-            zca=bool(manifest.get("zca", False)), code_version=manifest.get("code_version") or {},
-            extra=manifest.get("extra") or {},
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{run_dir / MANIFEST} misses or mangles field {e}") from None
+    except (SafetensorError, ValueError, RuntimeError, KeyError, TypeError, OverflowError, AssertionError) as e:
+        raise ArtifactError(f"{run_dir / SYNSET} is not a readable safetensors file: {_line(e)}") from None
+    labels = tensors["labels"]
+    if not facts["soft"] and bool(((labels < 0) | (labels >= meta.dataset.num_classes)).any()):
+        raise ArtifactError(f"{run_dir / SYNSET} holds labels outside [0, {meta.dataset.num_classes})")
+    lr = tensors.get("lr")
+    if lr is not None and not torch.equal(lr, torch.tensor(facts["learned_lr"], dtype=torch.float32)):
+        raise ArtifactError(f"{run_dir / SYNSET} holds lr {float(lr)!r} but the manifest records learned_lr "
+                            f"{facts['learned_lr']!r}")
     syn = SyntheticSet(
         images=tensors["images"].to(device),
-        labels=tensors["labels"].to(device),
+        labels=labels.to(device),
         meta=meta,
-        lr=tensors["lr"].to(device) if "lr" in tensors else None,
+        lr=lr.to(device) if lr is not None else None,
         zca_matrix=tensors["zca_matrix"].to(device) if "zca_matrix" in tensors else None,
     )
     _check_shapes(syn)

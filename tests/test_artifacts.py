@@ -83,18 +83,30 @@ def test_foreign_or_broken_manifest_is_refused(tmp_path):
         load_synset(tmp_path)
 
 
-def test_pickle_in_place_of_safetensors_is_refused(tmp_path):
-    """A file swapped for a pickle (with a matching manifest) is still never unpickled."""
+def test_pickle_in_place_of_safetensors_is_refused(tmp_path, monkeypatch):
+    """A file swapped for a pickle of the same size (with a manifest forged to match it) is refused
+    by the safetensors parser and never unpickled."""
     import hashlib
     import pickle
 
     save_synset(_syn(), tmp_path)
+    size = (tmp_path / "synset.safetensors").stat().st_size
     blob = pickle.dumps({"images": 1})
+    blob += bytes(size - len(blob))  # padded to the real file's size (pickle ignores what follows STOP)
     (tmp_path / "synset.safetensors").write_bytes(blob)
     mp = tmp_path / "manifest.json"
     m = json.loads(mp.read_text())
     m["files"]["synset.safetensors"] = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+    m["storage_bytes"] = sum(f["bytes"] for f in m["files"].values())
+    m["tensor_bytes"] = len(blob)
     mp.write_text(json.dumps(m))
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("unpickled")
+
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "Unpickler", no_unpickling)
     with pytest.raises(ArtifactError, match="not a readable safetensors"):
         load_synset(tmp_path)
 
@@ -162,3 +174,82 @@ def test_exports(tmp_path):
 
     ds = ImageFolder(str(tmp_path / "f"))
     assert len(ds) == 12 and [t for _, t in ds.samples] == syn.labels.tolist()
+
+
+def _edit_manifest(run_dir, edit):
+    mp = run_dir / "manifest.json"
+    m = json.loads(mp.read_text())
+    edit(m)
+    mp.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(("edit", "pattern"), [
+    (lambda m: m.update(ipc="3"), r"field ipc is '3', expected a positive integer"),
+    (lambda m: m.update(ipc=4), r"field num_images is 12, expected 16 \(4 classes x ipc 4\)"),
+    (lambda m: m["dataset"].update(mean=[0.6]), r"field normalization .* expected the dataset's mean and std"),
+    (lambda m: m["dataset"].update(std=[0.0]), r"field dataset.std is \[0.0\], expected 1 finite number\(s\) > 0"),
+    (lambda m: m.update(seed=-1), r"field seed is -1"),
+    (lambda m: m.update(labels="soft"), r"tensor 'labels' is 'I64' \[12\], expected F32 \[12, 4\]"),
+    (lambda m: m.update(learned_lr=0.5), r"no 'lr' tensor but the manifest records a learned lr"),
+    (lambda m: m.update(storage_bytes=m["storage_bytes"] + 1), r"storage_bytes / tensor_bytes disagree"),
+    (lambda m: m["files"].update({"../../etc/passwd": m["files"]["preview.png"]}), r"unknown file '../../etc/passwd'"),
+    (lambda m: m.pop("extra"), r"lacks field\(s\) extra"),
+])
+def test_edited_manifest_fields_are_refused_by_name(tmp_path, edit, pattern):
+    save_synset(_syn(), tmp_path)
+    _edit_manifest(tmp_path, edit)
+    with pytest.raises(ArtifactError, match=pattern) as err:
+        load_synset(tmp_path)
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_huge_sizes_are_refused_before_the_synset_is_read(tmp_path, monkeypatch):
+    """A declared size of 10^15 for an unchanged file, and a file that really is a terabyte (sparse)
+    under a manifest forged to say so, are both refused without opening the synset."""
+    import os
+    from pathlib import Path
+
+    save_synset(_syn(), tmp_path)
+    real_open = Path.open
+
+    def guarded_open(self, *args, **kwargs):
+        assert self.name != "synset.safetensors", "the synset was opened"
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", guarded_open)
+
+    def declare(size):
+        def edit(m):
+            m["files"]["synset.safetensors"]["bytes"] = m["tensor_bytes"] = size
+            m["storage_bytes"] = sum(f["bytes"] for f in m["files"].values())
+        return edit
+
+    _edit_manifest(tmp_path, declare(10**15))
+    with pytest.raises(ArtifactError, match="declares 1000000000000000 bytes"):
+        load_synset(tmp_path)
+    os.truncate(tmp_path / "synset.safetensors", 2**40)
+    _edit_manifest(tmp_path, declare(2**40))
+    with pytest.raises(ArtifactError, match="declares 1099511627776 bytes"):
+        load_synset(tmp_path)
+
+
+def test_forged_dtype_is_refused(tmp_path):
+    """Images re-saved as float64 under a manifest forged to match are not the original data."""
+    import hashlib
+
+    from safetensors.torch import save as st_save
+
+    syn = _syn()
+    save_synset(syn, tmp_path)
+    blob = st_save({"images": syn.images.double(), "labels": syn.labels},
+                   metadata={"format": "condense.synthetic-set;schema_version=1"})
+    (tmp_path / "synset.safetensors").write_bytes(blob)
+
+    def forge(m):
+        m["files"]["synset.safetensors"] = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+        m["tensor_bytes"] = len(blob)
+        m["storage_bytes"] = sum(f["bytes"] for f in m["files"].values())
+
+    _edit_manifest(tmp_path, forge)
+    with pytest.raises(ArtifactError, match=r"tensor 'images' is 'F64' \[12, 1, 28, 28\], expected F32"):
+        load_synset(tmp_path)

@@ -2,6 +2,7 @@
 
     condense-report [results_dir=benchmarks/results] [out=benchmarks/LEADERBOARD.md]
                     [html=benchmarks/leaderboard.html | html=null] [figures_dir=<out's folder>/figures]
+                    [allow_dirty=false | allow_dirty=true]
 
 Arguments are ``key=value`` (like the Hydra CLIs). Figures (PNG) go next to the Markdown in
 ``figures/``; the HTML page is one self-contained file (images inlined).
@@ -15,7 +16,7 @@ import sys
 from typing import Any
 
 DEFAULTS: dict[str, Any] = {"results_dir": "benchmarks/results", "out": "benchmarks/LEADERBOARD.md",
-                            "html": "benchmarks/leaderboard.html", "figures_dir": None}
+                            "html": "benchmarks/leaderboard.html", "figures_dir": None, "allow_dirty": "false"}
 _NONE = {"", "null", "none", "false"}
 
 
@@ -58,10 +59,17 @@ def run(argv: list[str]) -> int:
 
     if not Path(args["results_dir"]).is_dir():
         return _die(f"results_dir {args['results_dir']!r} is not a folder")
+    allow_dirty = str(args["allow_dirty"]).lower()
+    if allow_dirty not in ("true", "false", "none"):
+        return _die(f"allow_dirty must be true or false, got {args['allow_dirty']!r}")
     command = "condense-report " + " ".join(
         shlex.quote(f"{k}={'null' if v is None else v}") for k, v in args.items()
-        if k != "figures_dir" or v is not None)
-    written = write_report(args["results_dir"], args["out"], args["html"], args["figures_dir"], command=command)
+        if (k != "figures_dir" or v is not None) and (k != "allow_dirty" or allow_dirty == "true"))
+    try:
+        written = write_report(args["results_dir"], args["out"], args["html"], args["figures_dir"], command=command,
+                               allow_dirty=allow_dirty == "true")
+    except CondenseError as e:
+        return _die(str(e))
     for p in written[:2 if args["html"] else 1]:
         print(f"wrote {p}")
     print(f"wrote {len(written) - (2 if args['html'] else 1)} figure(s)")

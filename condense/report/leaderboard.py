@@ -29,6 +29,7 @@ from condense.report.records import (
     Results,
     aggregate,
     cell_key,
+    check_clean,
     load_results,
     method_label,
     prepare_s,
@@ -519,7 +520,8 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_report(results_dir: str | Path, out: str | Path, html: str | Path | None = None,
-                 figures_dir: str | Path | None = None, command: str | None = None) -> list[Path]:
+                 figures_dir: str | Path | None = None, command: str | None = None,
+                 allow_dirty: bool = False) -> list[Path]:
     """Render the leaderboard.
 
     Args:
@@ -528,14 +530,21 @@ def write_report(results_dir: str | Path, out: str | Path, html: str | Path | No
         html: self-contained HTML file to write (``None``: none).
         figures_dir: where PNGs go (default: ``<out's folder>/figures``).
         command: the command line printed as "regenerate with" (default: the condense-report call).
+        allow_dirty: include records written from a working tree with uncommitted changes
+            (``code_version.dirty: true``); by default they are refused before anything is written.
 
     Returns:
         The written files (Markdown, HTML if any, then figures).
+
+    Raises:
+        ConfigError: a record is dirty and ``allow_dirty`` is False (the message names the files).
     """
     out = Path(out)
     figures = Path(figures_dir) if figures_dir is not None else out.parent / "figures"
-    command = command or f"condense-report results_dir={results_dir} out={out}" + (f" html={html}" if html else "")
+    command = command or (f"condense-report results_dir={results_dir} out={out}" + (f" html={html}" if html else "")
+                          + (" allow_dirty=true" if allow_dirty else ""))
     results = load_results(results_dir)
+    check_clean(results, allow_dirty)
     doc = build_document(results, figures, command)
     _write_text(out, render_markdown(doc, out.parent))
     written = [out]

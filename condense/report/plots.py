@@ -90,8 +90,11 @@ def _finish_accuracy_plot(fig, ax, xlabel: str, title: str, path: Path) -> Path:
 def copy_preview(cell: Cell, dest: Path) -> Path | None:
     """Copy the first run's ``preview.png`` (from the run directory its record names) to ``dest``.
 
+    When no run directory is left (a fresh clone: runs/ is not committed), a copy already at
+    ``dest`` (the committed figure of an earlier build) is kept.
+
     Returns:
-        ``dest``, or ``None`` when no record names a run directory that still holds a preview.
+        ``dest``, or ``None`` when neither a run directory nor an earlier copy holds a preview.
     """
     for rec in cell.records:
         run_dir = run_dir_of(rec)
@@ -99,4 +102,4 @@ def copy_preview(cell: Cell, dest: Path) -> Path | None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(run_dir / "preview.png", dest)
             return dest
-    return None
+    return dest if dest.is_file() else None

@@ -122,6 +122,40 @@ class Results:
     study: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
+    def records(self) -> list[dict[str, Any]]:
+        """Every usable record (accuracy, ablation, perf, study), in that order."""
+        return [*self.accuracy, *self.ablation, *self.perf, *self.study]
+
+
+def is_dirty(rec: dict[str, Any]) -> bool:
+    """Whether ``rec`` was written from a working tree with uncommitted changes
+    (``code_version.dirty: true``; a record without a ``code_version`` is not called dirty)."""
+    code = rec.get("code_version")
+    return isinstance(code, dict) and code.get("dirty") is True
+
+
+def dirty_paths(results: Results) -> list[str]:
+    """The files of the usable records of ``results`` written from a dirty tree, sorted."""
+    return sorted(str(r.get("_path")) for r in results.records() if is_dirty(r))
+
+
+def check_clean(results: Results, allow_dirty: bool = False) -> None:
+    """Refuse records written from a dirty tree (their code is not a commit anyone can check out).
+
+    Raises:
+        ConfigError: some record has ``code_version.dirty: true`` and ``allow_dirty`` is False;
+            the message names every such file and how to allow them.
+    """
+    bad = dirty_paths(results)
+    if bad and not allow_dirty:
+        from condense.errors import ConfigError
+
+        raise ConfigError(f"{len(bad)} result file(s) were written from a dirty tree (code_version.dirty: "
+                          f"true): {', '.join(bad)}; rerun them from a clean commit or remove them, or pass "
+                          f"allow_dirty=True (condense-report allow_dirty=true) to include them anyway")
+    if bad:
+        log.warning("including %d record(s) written from a dirty tree (allow_dirty)", len(bad))
+
 
 def load_results(results_dir: str | Path) -> Results:
     """Read every ``*.json`` under ``results_dir`` (sorted), classified by ``kind``.
@@ -241,7 +275,11 @@ def prepare_s(recs: list[dict[str, Any]]) -> float | None:
 
 
 def run_dir_of(rec: dict[str, Any]) -> Path | None:
-    """The run directory a record names (``run_dir``, or ``bench.run_dir`` added by condense-bench)."""
+    """The run directory a record names (``run_dir``, or ``bench.run_dir`` added by condense-bench).
+
+    Records name it relative to the repository root (absolute only when it lay outside the
+    repository), so a relative one resolves against the directory the report is built in.
+    """
     for value in (rec.get("run_dir"), (rec.get("bench") or {}).get("run_dir"),
                   (rec.get("config") or {}).get("run_dir")):
         if isinstance(value, str) and value:

@@ -128,15 +128,20 @@ def herding_select(feats: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def kcenter_select(feats: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy k-center: start at the point nearest the mean, then add the farthest point."""
+    """Greedy k-center: start at the point nearest the mean, then add the farthest point.
+
+    A chosen point is never chosen again, also among duplicates (every remaining distance 0).
+    """
     mu = feats.mean(0, keepdim=True)
     first = int(torch.cdist(feats, mu).squeeze(1).argmin())
     chosen = [first]
     mind = torch.cdist(feats, feats[first:first + 1]).squeeze(1)
+    mind[first] = -1.0
     for _ in range(1, k):
         i = int(mind.argmax())
         chosen.append(i)
         mind = torch.minimum(mind, torch.cdist(feats, feats[i:i + 1]).squeeze(1))
+        mind[i] = -1.0
     return torch.tensor(chosen, device=feats.device)
 
 

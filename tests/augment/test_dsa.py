@@ -283,6 +283,10 @@ def test_same_seed_same_params(flip_first: bool) -> None:
         _assert_params_equal(dsa.sample_per_group(3, 4, g1), dsa.sample_per_group(3, 4, g2))
     x = images(4)
     torch.testing.assert_close(dsa(x, gen(7)), dsa(x, gen(7)))
+    # and the generator is what decides: another seed gives another batch (an implementation that
+    # ignored the generator, or returned its input, would pass the line above)
+    assert not torch.equal(dsa(x, gen(7)), dsa(x, gen(8)))
+    assert not torch.equal(dsa(x, gen(7)), x)
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -28,14 +28,49 @@ def test_learned_lr_and_soft_labels(tiny_data):
     assert rep.runs[0]["lr"] == pytest.approx(0.003) and rep.protocol["labels"] == "soft"
 
 
-def test_lr_selection_uses_training_data_not_test(tiny_data):
-    # poison the test labels: selection must not depend on them
+def _poisoned(data, images: bool = False):
+    """``data`` with its test labels shifted by one class (a model that learned the task scores ~0 on
+    them; one trained or selected on them learns the shift instead) and, with ``images``, its test
+    images replaced by noise."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(99)
+    x = torch.randn(data.test_images.shape, generator=g) if images else data.test_images
+    return dataclasses.replace(data, test_images=x, test_labels=(data.test_labels + 1) % data.spec.num_classes)
+
+
+def test_lr_selection_scores_held_out_training_images_never_the_test_set(tiny_data):
+    """Poisoning the test split (labels shifted, images replaced) leaves the lr selection's scores
+    exactly as they were, and they come from correctly labelled training images (the lr that learns
+    wins by far); the final number does read the poisoned labels (models that learned miss them all)."""
     cfg = EvalConfig(num_models=1, epochs=5, dsa=False, select_lr=[1e-5, 0.05], val_size=40,
                      model_kwargs={"width": 8, "depth": 2})
-    ev = Evaluator(cfg, tiny_data)
-    rep = ev.evaluate_tensors(tiny_data.train_images, tiny_data.train_labels)
-    sel = rep.protocol["lr_selection"]["convnet"]
-    assert sel["chosen"] == 0.05 and "real training images" in sel["on"]
+    x, y = tiny_data.train_images, tiny_data.train_labels
+    clean = Evaluator(cfg, tiny_data).evaluate_tensors(x, y)
+    sel = clean.protocol["lr_selection"]["convnet"]
+    assert sel["chosen"] == 0.05 and "40 real training images" == sel["on"]
+    assert sel["candidates"][0.05] >= 90.0 > sel["candidates"][1e-5] + 30.0
+    assert clean.summary["convnet"]["mean"] >= 90.0
+    labels_only, both = (Evaluator(cfg, p).evaluate_tensors(x, y)
+                         for p in (_poisoned(tiny_data), _poisoned(tiny_data, images=True)))
+    for rep in (labels_only, both):
+        assert rep.protocol["lr_selection"]["convnet"] == sel  # same candidates, same scores, same choice
+        assert rep.runs[0]["lr"] == 0.05
+    assert labels_only.summary["convnet"]["mean"] <= 10.0
+
+
+def test_training_never_sees_the_test_set(tiny_data):
+    """The trained models do not depend on the test split: on a set of randomly labelled images
+    (memorized, so each model's accuracy on held-out training images is an idiosyncratic number
+    that fingerprints its weights) the fingerprints are identical whatever the test split holds."""
+    g = torch.Generator().manual_seed(5)
+    x = tiny_data.train_images[:32]
+    y = torch.randint(0, tiny_data.spec.num_classes, (32,), generator=g)
+    cfg = EvalConfig(num_models=2, epochs=6, dsa=True, report_val=True, val_size=96, model_kwargs={"width": 8, "depth": 2})
+    prints = [[r["val_acc"] for r in Evaluator(cfg, d).evaluate_tensors(x, y).runs]
+              for d in (tiny_data, _poisoned(tiny_data), _poisoned(tiny_data, images=True))]
+    assert prints[0] == prints[1] == prints[2]
+    assert len(set(prints[0])) == 2  # two different models, each told apart from the other
 
 
 def test_report_val_scores_the_same_models_on_held_out_training_images(tiny_data):
