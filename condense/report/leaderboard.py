@@ -365,7 +365,8 @@ def ablation_changes(r: dict[str, Any], cell: dict[str, Any] | None) -> str:
     without a cell (or method settings) to compare with, the ``method.*`` overrides of its command."""
     mine, theirs = r.get("method_config"), (cell or {}).get("method_config")
     if isinstance(mine, dict) and isinstance(theirs, dict):
-        diff = [f"{k}={mine.get(k)} (cell: {theirs.get(k)})" for k in sorted(set(mine) | set(theirs))
+        # settings one record predates (absent from its method_config) are not differences
+        diff = [f"{k}={mine.get(k)} (cell: {theirs.get(k)})" for k in sorted(set(mine) & set(theirs))
                 if k != "iterations" and mine.get(k) != theirs.get(k)]
         planned = ((r.get("distill") or {}).get("iterations_planned"),
                    ((cell or {}).get("distill") or {}).get("iterations_planned"))
