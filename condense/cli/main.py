@@ -13,6 +13,7 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,8 +24,8 @@ __all__ = ["CONF_DIR", "group_choices", "precheck", "main", "eval_main"]
 log = logging.getLogger("condense")
 
 
-def _die(msg: str, code: int) -> NoReturn:
-    print(f"condense: error: {msg}", file=sys.stderr)
+def _die(msg: str, code: int, prog: str = "condense") -> NoReturn:
+    print(f"{prog}: error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -53,8 +54,13 @@ def _combinations(overrides: list[str]) -> list[list[str]]:
     return combos
 
 
-def precheck(overrides: list[str], config_name: str = "config") -> None:
-    """Compose and validate every requested combination; raise ConfigError on the first problem."""
+def precheck(overrides: list[str], config_name: str = "config",
+             check: Callable[[dict[str, Any]], Any] | None = None) -> None:
+    """Compose and validate every requested combination; raise ConfigError on the first problem.
+
+    ``check(cfg)`` validates one composed combination (a plain dict); default: the distillation
+    config's :func:`condense.config.validate` for ``config``, composition alone otherwise.
+    """
     from hydra.errors import HydraException
 
     from condense.cli.build import compose, one_line
@@ -66,8 +72,33 @@ def precheck(overrides: list[str], config_name: str = "config") -> None:
         raise ConfigError(one_line(e)) from None
     for combo in combos:
         cfg = compose(combo, config_name)
-        if config_name == "config":
+        if check is not None:
+            check(cfg)
+        elif config_name == "config":
             validate(cfg, method_keys(combo))
+
+
+HELP_FLAGS = ("-h", "--help", "--hydra-help", "--info", "--cfg", "-c")
+
+
+def run_app(config_name: str, job: Callable[[Any], None], *, prog: str = "condense",
+            check: Callable[[list[str]], None] | None = None) -> None:
+    """A console script: check every requested combination first (one line, exit 2, nothing
+    written; ``check(overrides)``, default :func:`precheck`), then hand the command line to Hydra
+    with ``conf/<config_name>.yaml``."""
+    import hydra
+
+    from condense.cli.build import argv_overrides
+    from condense.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    argv = sys.argv[1:]
+    if not any(a in HELP_FLAGS or a.startswith("--cfg") for a in argv):
+        try:
+            (check or (lambda o: precheck(o, config_name)))(argv_overrides(argv))
+        except CondenseError as e:
+            _die(str(e), 2, prog)
+    hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(job)()
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -138,21 +169,7 @@ def _hydra_job(cfg: Any) -> None:
 
 def main() -> None:
     """Console script ``condense``."""
-    import hydra
-
-    from condense.cli.build import argv_overrides
-    from condense.runtime import keep_freed_memory
-
-    keep_freed_memory()
-    argv = sys.argv[1:]
-    if not any(a in ("-h", "--help", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--cfg")
-               for a in argv):
-        try:
-            precheck(argv_overrides(argv))
-        except CondenseError as e:
-            _die(str(e), 2)
-    app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_hydra_job)
-    app()
+    run_app("config", _hydra_job)
 
 
 def _eval_job(cfg: Any) -> None:
@@ -174,17 +191,4 @@ def _eval_job(cfg: Any) -> None:
 
 def eval_main() -> None:
     """Console script ``condense-eval artifact=DIR [eval.epochs=...] [budget=...]``."""
-    import hydra
-
-    from condense.cli.build import argv_overrides
-    from condense.runtime import keep_freed_memory
-
-    keep_freed_memory()
-    argv = sys.argv[1:]
-    if not any(a.startswith("-") for a in argv):
-        try:
-            precheck(argv_overrides(argv), config_name="eval_app")
-        except CondenseError as e:
-            _die(str(e), 2)
-    app = hydra.main(config_path=str(CONF_DIR), config_name="eval_app", version_base="1.3")(_eval_job)
-    app()
+    run_app("eval_app", _eval_job, prog="condense-eval")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,8 +24,9 @@ INT_KEYS = {"n": 1, "expert": 0, "seed": 0, "train_size": 0, "test_size": 0}
 
 
 def _die(msg: str, code: int) -> NoReturn:
-    print(f"condense-teachers: error: {msg}", file=sys.stderr)
-    sys.exit(code)
+    from condense.cli.main import _die as die
+
+    die(msg, code, "condense-teachers")
 
 
 @dataclasses.dataclass
@@ -168,72 +168,18 @@ def _hydra_job(cfg: Any) -> None:
     _print_summary(summary)
 
 
-def _user_overrides(argv: list[str]) -> list[str]:
-    return [a for a in argv if not a.startswith("-")]
-
-
-def _each_value(overrides: list[str]) -> list[list[str]]:
-    """One override list per sweep value (each value once, the other sweeps at their first)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides=overrides)
-    base: list[str] = []
-    sweeps: list[list[str]] = []
-    for o in parsed:
-        if o.key_or_group.startswith("hydra"):
-            continue
-        if o.is_sweep_override():
-            prefix = o.input_line.split("=", 1)[0]
-            sweeps.append([f"{prefix}={v}" for v in o.sweep_string_iterator()])
-            base.append(sweeps[-1][0])
-        else:
-            base.append(o.input_line)
-    combos = [base]
-    for values in sweeps:
-        key = values[0].split("=", 1)[0]
-        combos += [[v if b.split("=", 1)[0] == key else b for b in base] for v in values[1:]]
-    return combos
-
-
 def precheck(overrides: list[str]) -> None:
     """Compose and validate every requested value before any job starts (ConfigError on the first)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from condense.cli.main import CONF_DIR
     from condense.cli.main import precheck as compose_check
 
     try:
-        compose_check(overrides, config_name="teachers")  # Hydra's composition errors as one line
+        compose_check(overrides, "teachers", check=job_from_config)
     except ConfigError as e:
         raise ConfigError(str(e).replace("conf/config.yaml", "conf/teachers.yaml")) from None
-    try:
-        combos = _each_value(overrides)
-    except HydraException as e:
-        raise ConfigError(" ".join(str(e).split())) from None
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for combo in combos:
-            try:
-                cfg = compose(config_name="teachers", overrides=combo)
-                job_from_config(cfg)
-            except (HydraException, OmegaConfBaseException) as e:
-                raise ConfigError(" ".join(str(e).split())) from None
 
 
 def main() -> None:
     """Console script ``condense-teachers``."""
-    import hydra
+    from condense.cli.main import run_app
 
-    from condense.cli.main import CONF_DIR
-    from condense.runtime import keep_freed_memory
-
-    keep_freed_memory()
-    argv = sys.argv[1:]
-    if not any(a in ("-h", "--help", "--hydra-help", "--info", "-c") or a.startswith("--cfg") for a in argv):
-        try:
-            precheck(_user_overrides(argv))
-        except CondenseError as e:
-            _die(str(e), 2)
-    app = hydra.main(config_path=str(CONF_DIR), config_name="teachers", version_base="1.3")(_hydra_job)
-    app()
+    run_app("teachers", _hydra_job, prog="condense-teachers", check=precheck)
