@@ -140,7 +140,7 @@ def evaluate(target: SyntheticSet | str | Path, budget: str | None = None, *,
         budget: budget group for the nulls of the protocol (default: ``cpu``).
         config: a ready ``eval_app`` config dict instead of composing one.
         out: where ``eval.json`` goes (default: ``<artifact>/eval.json``; a set in memory: none).
-        **overrides: ``eval="cross_arch"``, ``device="cuda"``, ``data_root=...``,
+        **overrides: ``eval="cross_arch"``, ``device="auto"``, ``data_root=...``,
             ``**{"eval.epochs": 300}``, ``export=["tensors"]``, ``evaluate=False`` (exports only).
 
     Returns:

@@ -16,6 +16,7 @@ import torch
 
 from condense import config as C
 from condense import provenance
+from condense.data import describe_root
 from condense.errors import ConfigError
 from condense.synth import runner
 from condense.types import EvalReport, SyntheticSet
@@ -180,7 +181,7 @@ def result_record(cfg: Mapping[str, Any], built: C.Built, result_info: Mapping[s
                                              "summary": report.summary, "wall_s": round(report.wall_s, 3)},
         "command": command,
         "run_dir": provenance.portable_path(run_dir) if run_dir is not None else None,
-        "dataset_root": provenance.portable_path(data_root) if data_root else None,
+        "dataset_root": describe_root(data_root) if data_root else None,
     }
 
 

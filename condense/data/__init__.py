@@ -31,6 +31,7 @@ from condense.errors import ConfigError
 from condense.types import DatasetSpec, RealData
 
 __all__ = [
+    "describe_root",
     "DATASETS",
     "ZCA",
     "ClassIndex",
@@ -147,3 +148,22 @@ def build_dataset(
         dev,
     )
     return data
+
+
+#: How a record names a distribution package's data folder (the same package on every machine,
+#: wherever the distribution puts it): ``<system>/<folder name>``.
+SYSTEM_LABEL = "<system>"
+
+
+def describe_root(root: str | Path) -> str:
+    """How a run record names the folder its data came from, portably: a distribution package's
+    folder as ``<system>/<name>`` (e.g. ``<system>/fashion-mnist``), any other folder as
+    :func:`condense.provenance.portable_path` writes it (relative to the working directory,
+    ``~/...`` under the home directory, else absolute)."""
+    from condense.data.mnist import SYSTEM_DIRS
+    from condense.provenance import portable_path
+
+    path = Path(root).absolute()
+    if path in {p.absolute() for p in SYSTEM_DIRS.values()}:
+        return f"{SYSTEM_LABEL}/{path.name}"
+    return portable_path(path)

@@ -100,18 +100,6 @@ class Evaluator:
             return self.device.type == "cuda"
         return bool(self.cfg.vectorize)
 
-    def _make_model(self, arch: str):  # noqa: ANN202
-        from condense.models import create_model
-
-        spec = self.data.spec
-
-        def make(g: torch.Generator) -> torch.nn.Module:
-            return create_model(arch, channels=spec.channels, num_classes=spec.num_classes,
-                                im_size=spec.im_size, generator=g,
-                                **self.cfg.model_kwargs).to(self.device)
-
-        return make
-
     def _train_cfg(self, lr: float) -> FitConfig:
         """The protocol as a training-engine config: SGD, lr x0.1 once at half the epochs."""
         c = self.cfg
@@ -127,7 +115,10 @@ class Evaluator:
             The trained modules (in eval mode).
         """
         vec = self.vectorize if vectorize is None else vectorize
-        result = fit(self._make_model(arch), (images, targets), self._train_cfg(float(lr)), seeds=seeds,
+        from condense.models import model_factory
+
+        make = model_factory(arch, self.data.spec, self.device, **self.cfg.model_kwargs)
+        result = fit(make, (images, targets), self._train_cfg(float(lr)), seeds=seeds,
                      augment=self._augment_fn(), vectorize=vec)
         for m in result.models:
             m.eval()

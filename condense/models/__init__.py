@@ -12,7 +12,14 @@ from __future__ import annotations
 # Importing the model modules registers their builders in MODELS.
 from condense.models import alexnet, convnet, lenet, mlp, resnet, vgg  # noqa: F401
 from condense.models._base import ClassifierNet, has_batchnorm, init_parameters
-from condense.models._factory import MODELS, count_parameters, create_model, model_kwargs, reinitialize
+from condense.models._factory import (
+    MODELS,
+    count_parameters,
+    create_model,
+    model_factory,
+    model_kwargs,
+    reinitialize,
+)
 from condense.models.alexnet import AlexNet
 from condense.models.convnet import ConvNet
 from condense.models.lenet import LeNet
@@ -31,6 +38,7 @@ __all__ = [
     "VGG",
     "count_parameters",
     "create_model",
+    "model_factory",
     "has_batchnorm",
     "init_parameters",
     "model_kwargs",

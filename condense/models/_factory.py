@@ -36,6 +36,18 @@ def model_kwargs(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def model_factory(name: str, spec: Any, device: torch.device | str = "cpu",
+                  **kwargs: Any) -> Callable[[torch.Generator], nn.Module]:
+    """``make(generator) -> model``: a fresh ``name`` network for ``spec`` (a
+    :class:`~condense.types.DatasetSpec`: channels, classes, image size) on ``device``, its weights
+    drawn from ``generator`` (what :func:`condense.train.fit` calls once per seed)."""
+
+    def make(g: torch.Generator) -> nn.Module:
+        return create_model(name, spec.channels, spec.num_classes, spec.im_size, generator=g, **kwargs).to(device)
+
+    return make
+
+
 def create_model(
     name: str,
     channels: int,

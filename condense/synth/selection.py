@@ -66,14 +66,11 @@ def _cache_key(ctx: SynthContext, cfg: FeatureNetConfig) -> str:
 
 def trained_feature_net(ctx: SynthContext, cfg: FeatureNetConfig) -> nn.Module:
     """A network trained ``feature_epochs`` on the real data; loaded from the cache if present."""
-    from condense.models import create_model
+    from condense.models import model_factory
     from condense.train import FitConfig, fit
 
     spec = ctx.spec
-
-    def make(g: torch.Generator) -> nn.Module:
-        return create_model(cfg.feature_model, channels=spec.channels, num_classes=spec.num_classes,
-                            im_size=spec.im_size, generator=g, **ctx.model_kwargs).to(ctx.device)
+    make = model_factory(cfg.feature_model, spec, ctx.device, **ctx.model_kwargs)
 
     path = None
     if ctx.cache_dir is not None:

@@ -81,13 +81,9 @@ def check_model(recipe: Recipe) -> None:
 
 def make_factory(spec: DatasetSpec, recipe: Recipe, device: torch.device) -> Callable[[torch.Generator], nn.Module]:
     """``make(generator) -> model`` on ``device``, its weights drawn from the (CPU) generator."""
-    from condense.models import create_model
+    from condense.models import model_factory
 
-    def make(g: torch.Generator) -> nn.Module:
-        return create_model(recipe.model, channels=spec.channels, num_classes=spec.num_classes,
-                            im_size=spec.im_size, generator=g, **recipe.model_kwargs).to(device)
-
-    return make
+    return model_factory(recipe.model, spec, device, **recipe.model_kwargs)
 
 
 def build_model(spec: DatasetSpec, recipe: Recipe, device: torch.device | str = "cpu") -> nn.Module:

@@ -514,3 +514,17 @@ def test_fixed_specs_need_no_files() -> None:
     assert spec.mean == C10_MEAN and spec.std == C10_STD
     assert get_spec("fashion_mnist", im_size=32).im_size == (32, 32)
     assert get_spec("svhn").std == (0.1980, 0.2010, 0.1970)
+
+
+def test_records_name_the_data_folder_portably(tmp_path, monkeypatch):
+    """``describe_root``: the distribution package's folder as ``<system>/<name>``, a folder under
+    the working directory relative to it, anything else absolute: no machine's checkout in a record."""
+    from condense.data import describe_root
+    from condense.data.mnist import SYSTEM_DIRS
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "fm").mkdir(parents=True)
+    system = SYSTEM_DIRS["fashion_mnist"]  # (other tests of this file may point it at a fabricated copy)
+    assert describe_root(system) == f"<system>/{system.name}"
+    assert describe_root(tmp_path / "data" / "fm") == "data/fm"
+    assert describe_root("/opt/elsewhere/fm") == "/opt/elsewhere/fm"
