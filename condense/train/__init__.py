@@ -1,6 +1,15 @@
 """The one training engine: every network condense trains goes through :func:`fit`."""
 
-from condense.train.config import LOSSES, OPTIMIZERS, SCHEDULES, FitConfig, lr_at, make_optimizer
+from condense.train.config import (
+    LOSSES,
+    OPTIMIZERS,
+    SAMS,
+    SCHEDULES,
+    FitConfig,
+    loss_scale,
+    lr_at,
+    make_optimizer,
+)
 from condense.train.engine import (
     EpochState,
     FitResult,
@@ -9,8 +18,10 @@ from condense.train.engine import (
     accuracy,
     fit,
     has_batchnorm,
+    input_grad_penalty,
     per_model_loss,
 )
 
-__all__ = ["LOSSES", "OPTIMIZERS", "SCHEDULES", "EpochState", "FitConfig", "FitResult", "Stack",
-           "TrainCallback", "accuracy", "fit", "has_batchnorm", "lr_at", "make_optimizer", "per_model_loss"]
+__all__ = ["LOSSES", "OPTIMIZERS", "SAMS", "SCHEDULES", "EpochState", "FitConfig", "FitResult", "Stack",
+           "TrainCallback", "accuracy", "fit", "has_batchnorm", "input_grad_penalty", "loss_scale", "lr_at",
+           "make_optimizer", "per_model_loss"]

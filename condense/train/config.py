@@ -11,6 +11,7 @@ import torch
 from condense.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SAMS = ("none", "sam", "gsam")
 SCHEDULES = ("constant", "step", "cosine")
 LOSSES = ("auto", "ce", "kl")
 
@@ -40,6 +41,15 @@ class FitConfig:
         micro_batch: accumulate each batch's gradient over forwards of this many images (same
             gradient, less memory); ignored for BatchNorm networks (their batch statistics
             depend on the forward's batch). 0 = one forward per batch.
+        sam: sharpness-aware minimization (FTD's flat experts): ``none``; ``sam`` (gradient
+            at ``w + rho * g / ||g||``, per model); ``gsam`` (that gradient minus
+            ``gsam_alpha`` times the part of ``g`` orthogonal to it, Zhuang et al. 2022).
+        sam_rho / gsam_alpha: the perturbation radius and GSAM's ascent weight.
+        loss_ramp_epochs / loss_ramp_start: scale the loss of epoch ``e < loss_ramp_epochs`` by
+            ``start + (1 - start) * e / loss_ramp_epochs`` (AST's "clipping": 0.5 + 0.05 e for
+            10 epochs); 0 = off.
+        input_grad_penalty: ``lambda`` of AST's penalty on the un-augmented batch: mean over
+            pixels of ``(||d sum f(x) / dx||_2 over channels - 1)^2``, added to the loss; 0 = off.
     """
 
     epochs: int = 1
@@ -58,21 +68,33 @@ class FitConfig:
     temperature: float = 3.0
     bf16: bool = False
     micro_batch: int = 0
+    sam: str = "none"
+    sam_rho: float = 0.05
+    gsam_alpha: float = 0.0
+    loss_ramp_epochs: int = 0
+    loss_ramp_start: float = 0.5
+    input_grad_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         for key, value, valid in (("optimizer", self.optimizer, OPTIMIZERS),
-                                  ("schedule", self.schedule, SCHEDULES), ("loss", self.loss, LOSSES)):
+                                  ("schedule", self.schedule, SCHEDULES), ("loss", self.loss, LOSSES),
+                                  ("sam", self.sam, SAMS)):
             if value not in valid:
                 raise ConfigError(f"train: unknown {key} {value!r}; valid choices: {', '.join(valid)}")
         checks = {"epochs": self.epochs >= 0, "batch_size": self.batch_size >= 1, "lr": self.lr >= 0,
                   "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
                   "gamma": self.gamma > 0, "warmup_epochs": 0 <= self.warmup_epochs,
-                  "temperature": self.temperature > 0, "micro_batch": self.micro_batch >= 0}
+                  "temperature": self.temperature > 0, "micro_batch": self.micro_batch >= 0,
+                  "sam_rho": self.sam_rho >= 0, "gsam_alpha": self.gsam_alpha >= 0,
+                  "loss_ramp_epochs": self.loss_ramp_epochs >= 0, "loss_ramp_start": self.loss_ramp_start >= 0,
+                  "input_grad_penalty": self.input_grad_penalty >= 0}
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"train: invalid {key}={getattr(self, key)!r} (epochs >= 0, batch_size >= 1, "
                                   "lr >= 0, 0 <= momentum < 1, weight_decay >= 0, gamma > 0, "
-                                  "warmup_epochs >= 0, temperature > 0, micro_batch >= 0)")
+                                  "warmup_epochs >= 0, temperature > 0, micro_batch >= 0, sam_rho >= 0, "
+                                  "gsam_alpha >= 0, loss_ramp_epochs >= 0, loss_ramp_start >= 0, "
+                                  "input_grad_penalty >= 0)")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         self.milestones = [float(m) for m in self.milestones]
 
@@ -108,3 +130,11 @@ def lr_at(cfg: FitConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
         return cfg.lr * cfg.gamma ** drops
     total = max(1, cfg.epochs * steps_per_epoch - warm)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (t - warm) / total))
+
+
+def loss_scale(cfg: FitConfig, epoch: int) -> float:
+    """The loss factor of ``epoch`` (0-based) under ``cfg.loss_ramp_epochs`` (1.0 when off)."""
+    ramp = cfg.loss_ramp_epochs
+    if ramp <= 0 or epoch >= ramp:
+        return 1.0
+    return cfg.loss_ramp_start + (1.0 - cfg.loss_ramp_start) * epoch / ramp

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from condense.errors import ConfigError
-from condense.train.config import FitConfig, lr_at, make_optimizer
+from condense.train.config import FitConfig, loss_scale, lr_at, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -323,10 +323,36 @@ def fit(
     return FitResult(models=mods, history=history)
 
 
-def _step(group: Stack, opt: torch.optim.Optimizer, x: Tensor, t: Tensor, cfg: FitConfig,
-          loss_fn: LossFn | None, micro: int, device: torch.device) -> Tensor:
-    """One optimizer step on ``x`` ``(K, b, ...)``; returns the ``(K,)`` batch losses (detached)."""
-    opt.zero_grad(set_to_none=True)
+def _per_model(group: Stack, values: Sequence[Tensor]) -> Tensor:
+    """``(K,)`` sums over each model's share of ``values`` (tensors shaped like the parameters)."""
+    if group.vectorized:
+        return torch.stack([_float_logits(v).reshape(v.shape[0], -1).sum(1) for v in values]).sum(0)
+    return torch.stack([_float_logits(v).sum() for v in values]).sum().reshape(1)
+
+
+def _bcast(group: Stack, per_model: Tensor, like: Tensor) -> Tensor:
+    """``(K,)`` -> broadcastable against a parameter-shaped ``like``."""
+    if group.vectorized:
+        return per_model.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+    return per_model[0].to(like.dtype)
+
+
+def input_grad_penalty(group: Stack, x: Tensor, device: torch.device, bf16: bool) -> Tensor:
+    """``(K,)`` AST's penalty: mean over images and pixels of ``(||d sum f(x) / dx||_2 - 1)^2``.
+
+    The norm runs over channels; the graph is kept (``create_graph``) so the penalty trains.
+    """
+    x = x.detach().requires_grad_(True)
+    with _autocast(device, bf16):
+        out = group.forward(x)
+    (g,) = torch.autograd.grad(_float_logits(out).sum(), x, create_graph=True)
+    norm = (_float_logits(g).pow(2).sum(2) + 1e-12).sqrt()  # (K, b, H, W)
+    return (norm - 1.0).pow(2).flatten(1).mean(1)
+
+
+def _grads(group: Stack, x: Tensor, t: Tensor, cfg: FitConfig, loss_fn: LossFn | None, micro: int,
+           device: torch.device, scale: float, x_raw: Tensor | None) -> Tensor:
+    """Accumulate the batch objective's gradient into ``.grad``; return the ``(K,)`` losses (detached)."""
     b = x.shape[1]
     chunk = micro if 0 < micro < b else b
     out = torch.zeros(x.shape[0], device=device, dtype=torch.float64)
@@ -336,8 +362,46 @@ def _step(group: Stack, opt: torch.optim.Optimizer, x: Tensor, t: Tensor, cfg: F
         loss = per_model_loss(logits, t[:, s:s + chunk], cfg, loss_fn)
         if chunk < b:
             loss = loss * (min(chunk, b - s) / b)
-        loss.sum().backward()
+        objective = loss * scale if scale != 1.0 else loss
+        if cfg.input_grad_penalty > 0:
+            raw = x if x_raw is None else x_raw
+            pen = input_grad_penalty(group, raw[:, s:s + chunk], device, cfg.bf16)
+            objective = objective + cfg.input_grad_penalty * pen * (min(chunk, b - s) / b)
+        objective.sum().backward()
         out += loss.detach().double()
+    return out
+
+
+def _step(group: Stack, opt: torch.optim.Optimizer, x: Tensor, t: Tensor, cfg: FitConfig,
+          loss_fn: LossFn | None, micro: int, device: torch.device, scale: float = 1.0,
+          x_raw: Tensor | None = None) -> Tensor:
+    """One optimizer step on ``x`` ``(K, b, ...)``; returns the ``(K,)`` batch losses (detached).
+
+    ``scale`` multiplies the loss (the loss ramp); ``x_raw`` is the un-augmented batch (the
+    input-gradient penalty). Under ``cfg.sam`` the step uses the gradient at the perturbed
+    weights ``w + rho * g / ||g||`` (each model its own norm), GSAM corrected.
+    """
+    opt.zero_grad(set_to_none=True)
+    out = _grads(group, x, t, cfg, loss_fn, micro, device, scale, x_raw)
+    if cfg.sam != "none" and cfg.sam_rho > 0:
+        params = [p for p in group.parameters() if p.grad is not None]
+        g = [p.grad.detach().clone() for p in params]
+        coef = cfg.sam_rho / (_per_model(group, [v * v for v in g]).sqrt() + 1e-12)
+        eps = [_bcast(group, coef, v) * v for v in g]
+        with torch.no_grad():
+            for p, e in zip(params, eps, strict=True):
+                p.add_(e)
+        opt.zero_grad(set_to_none=True)
+        _grads(group, x, t, cfg, loss_fn, micro, device, scale, x_raw)
+        with torch.no_grad():
+            for p, e in zip(params, eps, strict=True):
+                p.sub_(e)
+            if cfg.sam == "gsam" and cfg.gsam_alpha > 0:
+                gh = [p.grad for p in params]
+                along = _per_model(group, [a * b for a, b in zip(g, gh, strict=True)]) / (
+                    _per_model(group, [v * v for v in gh]) + 1e-12)
+                for p, gi, ghi in zip(params, g, gh, strict=True):
+                    p.grad.sub_(cfg.gsam_alpha * (gi - _bcast(group, along, ghi) * ghi))
     opt.step()
     return out
 
@@ -354,13 +418,13 @@ def _epoch_tensors(group: Stack, gens: list[torch.Generator], opt: torch.optim.O
         if not keep_lr:
             _set_lr(opt, lr_at(cfg, ep, s, steps))
         idx = perms[:, s * bs:(s + 1) * bs]  # (K, b)
-        x = images[idx]
+        x = raw = images[idx]
         t = targets[idx]
         if augment is not None:
             x = torch.stack([augment(x[i], g) for i, g in enumerate(gens)])
         if targets_fn is not None:
             t = torch.stack([targets_fn(x[i], t[i]) for i in range(len(gens))])
-        total += _step(group, opt, x, t, cfg, loss_fn, micro, device)
+        total += _step(group, opt, x, t, cfg, loss_fn, micro, device, loss_scale(cfg, ep), raw)
     return (total / steps).tolist()
 
 
@@ -374,12 +438,14 @@ def _epoch_batches(group: Stack, gen: torch.Generator, opt: torch.optim.Optimize
         if not keep_lr:
             _set_lr(opt, lr_at(cfg, ep, s, max(steps, 1)))
         x, y = x.to(device), y.to(device)
+        raw = x
         if augment is not None:
             x = augment(x, gen)
         if targets_fn is not None:
             y = targets_fn(x, y)
         total += float(_step(group, opt, x.unsqueeze(0), y.unsqueeze(0), cfg, loss_fn,
-                             0 if no_micro else cfg.micro_batch, device)[0])
+                             0 if no_micro else cfg.micro_batch, device, loss_scale(cfg, ep),
+                             raw.unsqueeze(0))[0])
         count += 1
     return [total / max(count, 1)]
 
