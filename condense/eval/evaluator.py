@@ -23,6 +23,9 @@ from condense.types import EvalReport, RealData, SyntheticSet
 
 log = logging.getLogger(__name__)
 
+#: T of the soft-label KL when neither the config nor the set names one (teacher logits, SRe2L's 3).
+DEFAULT_SOFT_TEMPERATURE = 3.0
+
 #: The protocol's learning-rate schedule (METHODS.md): x0.1 once, at half the epochs.
 LR_DECAY_AT = 0.5
 LR_DECAY_FACTOR = 0.1
@@ -47,6 +50,9 @@ class EvalConfig:
             None = auto: on CUDA only (measured on a 2-core CPU: 0.79x, i.e. slower than one model
             after the other; benchmarks/perf/eval_ensemble.py).
         seed: model i of an architecture uses seed ``seed * 1000 + i``.
+        soft_temperature: T of the soft-label KL loss; ``None`` = the set's own
+            (``meta.extra["label_temperature"]``: 1 for labels learned as softmax targets, e.g.
+            DATM), else :data:`DEFAULT_SOFT_TEMPERATURE` (teacher logits).
     """
 
     archs: list[str] = field(default_factory=lambda: ["convnet"])
@@ -58,7 +64,7 @@ class EvalConfig:
     batch_size: int = 256
     dsa: bool = True
     dsa_strategy: str | None = None
-    soft_temperature: float = 3.0
+    soft_temperature: float | None = None
     use_learned_lr: bool = True
     select_lr: list[float] = field(default_factory=list)
     val_size: int = 5000
@@ -100,16 +106,25 @@ class Evaluator:
             return self.device.type == "cuda"
         return bool(self.cfg.vectorize)
 
-    def _train_cfg(self, lr: float) -> FitConfig:
+    def _train_cfg(self, lr: float, temperature: float | None = None) -> FitConfig:
         """The protocol as a training-engine config: SGD, lr x0.1 once at half the epochs."""
         c = self.cfg
         return FitConfig(epochs=c.epochs, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay,
                          batch_size=c.batch_size, schedule="step", milestones=[LR_DECAY_AT],
-                         gamma=LR_DECAY_FACTOR, temperature=c.soft_temperature, bf16=c.bf16)
+                         gamma=LR_DECAY_FACTOR, temperature=self.temperature(temperature), bf16=c.bf16)
+
+    def temperature(self, label_temperature: float | None = None) -> float:
+        """The soft-label KL temperature: the config's, else the set's, else the default."""
+        if self.cfg.soft_temperature is not None:
+            return float(self.cfg.soft_temperature)
+        return float(label_temperature) if label_temperature is not None else DEFAULT_SOFT_TEMPERATURE
 
     def train(self, arch: str, images: torch.Tensor, targets: torch.Tensor, seeds: list[int],
-              lr: float, *, vectorize: bool | None = None) -> list[torch.nn.Module]:
+              lr: float, *, vectorize: bool | None = None,
+              label_temperature: float | None = None) -> list[torch.nn.Module]:
         """Fresh ``arch`` models (one per seed) trained on ``images``/``targets`` under the protocol.
+
+        ``label_temperature``: the set's soft-label temperature (see :meth:`temperature`).
 
         Returns:
             The trained modules (in eval mode).
@@ -118,7 +133,7 @@ class Evaluator:
         from condense.models import model_factory
 
         make = model_factory(arch, self.data.spec, self.device, **self.cfg.model_kwargs)
-        result = fit(make, (images, targets), self._train_cfg(float(lr)), seeds=seeds,
+        result = fit(make, (images, targets), self._train_cfg(float(lr), label_temperature), seeds=seeds,
                      augment=self._augment_fn(), vectorize=vec)
         for m in result.models:
             m.eval()
@@ -146,18 +161,20 @@ class Evaluator:
         idx = torch.randperm(x.shape[0], generator=g)[: self.cfg.test_size].to(x.device)
         return x[idx], y[idx]
 
-    def _select_lr(self, arch: str, images: torch.Tensor, targets: torch.Tensor) -> tuple[float, dict]:
+    def _select_lr(self, arch: str, images: torch.Tensor, targets: torch.Tensor,
+                   label_temperature: float | None = None) -> tuple[float, dict]:
         vx, vy = self._val_split()
         scores = {}
         for lr in self.cfg.select_lr:
             models = self.train(arch, images, targets, [self.cfg.seed * 1000 + 999], float(lr),
-                                vectorize=False)
+                                vectorize=False, label_temperature=label_temperature)
             scores[float(lr)] = accuracy(models, vx, vy)[0]
         best = max(scores, key=lambda k: scores[k])
         return best, {"candidates": scores, "chosen": best, "on": f"{vx.shape[0]} real training images"}
 
     def evaluate_tensors(
-        self, images: torch.Tensor, targets: torch.Tensor, *, learned_lr: float | None = None
+        self, images: torch.Tensor, targets: torch.Tensor, *, learned_lr: float | None = None,
+        label_temperature: float | None = None,
     ) -> EvalReport:
         """Evaluate any labelled tensor set (synthetic, a random real subset, the whole data).
 
@@ -165,6 +182,7 @@ class Evaluator:
             images: ``(N,C,H,W)`` normalized images.
             targets: ``(N,)`` int64 hard labels or ``(N,classes)`` soft-label logits.
             learned_lr: used instead of ``cfg.lr`` when given and ``cfg.use_learned_lr``.
+            label_temperature: the soft labels' own temperature (:meth:`temperature`).
         """
         c = self.cfg
         t0 = time.perf_counter()
@@ -177,9 +195,9 @@ class Evaluator:
         for arch in c.archs:
             lr = learned_lr if (learned_lr is not None and c.use_learned_lr) else c.lr
             if c.select_lr:
-                lr, selection[arch] = self._select_lr(arch, images, targets)
+                lr, selection[arch] = self._select_lr(arch, images, targets, label_temperature)
             seeds = [c.seed * 1000 + i for i in range(c.num_models)]
-            models = self.train(arch, images, targets, seeds, float(lr))
+            models = self.train(arch, images, targets, seeds, float(lr), label_temperature=label_temperature)
             tx, ty = self._test_split()
             accs = accuracy(models, tx, ty, bf16=c.bf16, vectorize=self.vectorize)
             for s, a in zip(seeds, accs, strict=True):
@@ -201,6 +219,7 @@ class Evaluator:
                     "test_images": int(self._test_split()[0].shape[0]),
                     "lr_decay_at": LR_DECAY_AT, "lr_decay_factor": LR_DECAY_FACTOR,
                     "labels": "soft" if targets.dim() == 2 else "hard",
+                    "soft_temperature": self.temperature(label_temperature) if targets.dim() == 2 else None,
                     "learned_lr": learned_lr, "lr_selection": selection or None,
                     "vectorized": self.vectorize,
                     **({"val_images": int(val[0].shape[0])} if val is not None else {}),
@@ -217,7 +236,8 @@ class Evaluator:
             raise ConfigError("ZCA-whitened sets need the test data whitened with the same matrix; "
                               "build the evaluator's data with that ZCA (not supported yet here)")
         lr = float(syn.lr) if syn.lr is not None else None
-        return self.evaluate_tensors(syn.images, syn.labels, learned_lr=lr)
+        temp = syn.meta.extra.get("label_temperature") if syn.soft else None
+        return self.evaluate_tensors(syn.images, syn.labels, learned_lr=lr, label_temperature=temp)
 
     def evaluate_whole(self) -> EvalReport:
         """The whole-training-set reference under the same protocol."""

@@ -97,6 +97,13 @@ class Section:
     def random(self, ipc: int) -> Cell | None:
         return self.cell("random", ipc)
 
+    def display(self, label: str) -> str:
+        """``label``, marked "(learned labels)" when its sets carry labels learned during
+        distillation (``method_config.soft_labels``, e.g. DATM): not comparable to hard-label rows."""
+        learned = any(bool((r.get("method_config") or {}).get("soft_labels"))
+                      for k in self.ipcs if (c := self.cell(label, k)) is not None for r in c.records)
+        return f"{label} (learned labels)" if learned else label
+
 
 def sections(cells: dict[CellKey, Cell]) -> list[Section]:
     """Split cells into dataset x budget sections, attaching the whole-data reference.
@@ -231,7 +238,7 @@ def accuracy_table(sec: Section) -> Table:
                                  for x in (fmt_acc(sec.whole), pub_whole.text() if pub_whole else DASH)]]
     for label in sec.labels:
         method, _, flip = label.partition("+")
-        row = [label]
+        row = [sec.display(label)]
         for k in sec.ipcs:
             pv = published_value(sec.dataset, method, k, bool(flip))
             row += [fmt_acc(sec.cell(label, k)), pv.text() if pv else DASH]
@@ -273,7 +280,7 @@ def score_table(sec: Section, ids: dict[str, str]) -> Table:
     rows = []
     for s in score_rows(sec):
         c: Cell = s["cell"]
-        rows.append([s["label"], str(s["ipc"]), fmt_acc(c), fmt_num(s["hlr"]), fmt_num(s["ior"], signed=True),
+        rows.append([sec.display(s["label"]), str(s["ipc"]), fmt_acc(c), fmt_num(s["hlr"]), fmt_num(s["ior"], signed=True),
                      fmt_num(s["lrs"]), fmt_num(s["minutes"], 1), fmt_num(s["prepare_minutes"], 1),
                      DASH if c.iterations is None else str(c.iterations), ", ".join(map(str, c.seeds)),
                      record_machines(c.records, ids)])

@@ -4,6 +4,7 @@ from condense.synth import (
     distribution_matching,  # noqa: F401  (dm, datadam)
     gradient_matching,  # noqa: F401  (dc, dsa)
     selection,  # noqa: F401  (random, herding, kcenter)
+    trajectory,  # noqa: F401  (mtt, tesla, ftd, datm)
 )
 from condense.synth.base import SYNTHESIZERS, SynthContext, Synthesizer, register_synthesizer
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from condense.types import SetMeta, SyntheticSet, class_major_labels
 
 log = logging.getLogger(__name__)
 
-INITS = ("real", "noise", "herding")
+INITS = ("real", "noise", "herding", "kmeans")
 #: Optimizers of the synthetic images (``opt_img``).
 IMAGE_OPTIMIZERS = ("sgd", "adam")
 #: Learning-rate schedules of the image optimizer over the run's iterations (``schedule_img``).
@@ -38,13 +38,16 @@ IMAGE_OPTIMIZER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def init_images(ctx: SynthContext, init: str) -> torch.Tensor:
+def init_images(ctx: SynthContext, init: str,
+                features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Starting images ``(K*ipc, C, H, W)`` on ``ctx.device``, class-major.
 
     ``real``: ipc distinct random real images of each class; ``noise``: standard normal noise
     (the normalized space has unit variance per channel); ``herding``: the herding selection
     of each class (:func:`condense.synth.selection.herding_init_indices`), a better start than
-    random real images at small ipc (measured effect: the cpu budget's ablation records).
+    random real images at small ipc (measured effect: the cpu budget's ablation records);
+    ``kmeans``: per class the real images nearest ``ipc`` k-means centres of ``features(images)``
+    (default: the herding feature network's embedding).
     """
     spec = ctx.spec
     k, ipc = spec.num_classes, ctx.ipc
@@ -55,6 +58,10 @@ def init_images(ctx: SynthContext, init: str) -> torch.Tensor:
         from condense.synth.selection import herding_init_indices  # selection imports this module
 
         return ctx.data.train_images[herding_init_indices(ctx)].clone()
+    if init == "kmeans":
+        from condense.synth.selection import kmeans_init_indices
+
+        return ctx.data.train_images[kmeans_init_indices(ctx, features)].clone()
     if init == "noise":
         shape = (k * ipc, spec.channels, *spec.im_size)
         return torch.randn(shape, generator=ctx.generator, device=ctx.generator.device).to(

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from condense.errors import ConfigError
 from condense.provenance import atomic_write_bytes
 from condense.synth._matching import new_synthetic_set
 from condense.synth.base import SynthContext, Synthesizer, register_synthesizer
@@ -151,12 +152,71 @@ def select_indices(ctx: SynthContext, cfg: FeatureNetConfig,
     if cfg.pool_per_class:
         n = min(cfg.pool_per_class, ctx.index.min_count)
         pool = ctx.index.sample(n, ctx.generator)  # (K, n)
+    return select_by_features(ctx, lambda x: embed_all(model, x, cfg.embed_batch), select, pool)
+
+
+def select_by_features(ctx: SynthContext, features: Callable[[torch.Tensor], torch.Tensor],
+                       select: Callable[[torch.Tensor, int], torch.Tensor],
+                       pool: torch.Tensor | None = None) -> torch.Tensor:
+    """Class-major indices, ``ctx.ipc`` per class: ``select(features(class images), ipc)``.
+
+    Args:
+        features: ``images (n, C, H, W) -> (n, D)`` (an embedding, an expert's logits, ...).
+        pool: ``(K, n)`` candidate indices per class; ``None`` = every image of the class.
+    """
     picked = []
     for c in range(ctx.spec.num_classes):
         idx_c = ctx.index.indices_of(c) if pool is None else pool[c]
-        feats = embed_all(model, ctx.data.train_images[idx_c], cfg.embed_batch)
-        picked.append(idx_c[select(feats, ctx.ipc)])
+        picked.append(idx_c[select(features(ctx.data.train_images[idx_c]), ctx.ipc)])
     return torch.cat(picked)
+
+
+def kmeans(feats: torch.Tensor, k: int, generator: torch.Generator, iters: int = 50) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding: ``(k, D)`` centres of ``feats`` ``(N, D)``.
+
+    Deterministic given ``generator``; an emptied cluster keeps its previous centre.
+    """
+    n = feats.shape[0]
+    if not 1 <= k <= n:
+        raise ConfigError(f"kmeans: k={k} clusters need 1 <= k <= {n} points")
+    x = feats.double()
+    first = int(torch.randint(n, (1,), generator=generator, device=generator.device))
+    centres = [x[first]]
+    d2 = (x - centres[0]).pow(2).sum(1)
+    for _ in range(1, k):
+        w = d2.clamp_min(0)
+        i = int(torch.multinomial(w / w.sum(), 1, generator=generator)) if float(w.sum()) > 0 else \
+            int(torch.randint(n, (1,), generator=generator, device=generator.device))
+        centres.append(x[i])
+        d2 = torch.minimum(d2, (x - x[i]).pow(2).sum(1))
+    c = torch.stack(centres)
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(1)
+        new = c.clone()
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        filled = counts > 0
+        new[filled] = sums[filled] / counts[filled].unsqueeze(1).double()
+        if torch.equal(new, c):
+            break
+        c = new
+    return c.to(feats.dtype)
+
+
+def kmeans_select(feats: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` distinct representatives: k-means into ``k`` clusters, then for each centre (in
+    order) the nearest point not taken yet. AST's representative initialisation, for any ``k``."""
+    centres = kmeans(feats, k, generator)
+    dist = torch.cdist(feats.double(), centres.double())  # (N, k)
+    taken = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
+    chosen = []
+    for j in range(k):
+        d = dist[:, j].clone()
+        d[taken] = float("inf")
+        i = int(d.argmin())
+        chosen.append(i)
+        taken[i] = True
+    return torch.tensor(chosen, device=feats.device)
 
 
 # The feature network behind ``init=herding`` of the matching synthesizers: the cpu budget's
@@ -167,6 +227,19 @@ INIT_FEATURES = FeatureNetConfig(feature_epochs=3, feature_train_size=10000)
 def herding_init_indices(ctx: SynthContext) -> torch.Tensor:
     """The herding selection that ``init=herding`` starts a synthetic set from."""
     return select_indices(ctx, INIT_FEATURES, herding_select)
+
+
+def kmeans_init_indices(ctx: SynthContext,
+                        features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``init=kmeans``: per class, the real images nearest ``ipc`` k-means centres of their
+    features (default: the herding feature network's embedding; the trajectory family passes
+    an expert's logits, AST's representative initialisation)."""
+    def select(f: torch.Tensor, k: int) -> torch.Tensor:
+        return kmeans_select(f, k, ctx.generator)
+
+    if features is None:
+        return select_indices(ctx, INIT_FEATURES, select)
+    return select_by_features(ctx, features, select)
 
 
 class _EmbeddingSelection(Synthesizer):
