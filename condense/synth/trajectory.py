@@ -363,6 +363,11 @@ class TrajectoryConfig:
     weight_perturbation: float = 0.0
 
 
+def resolve_config(cfg: TrajectoryConfig, ipc: int) -> TrajectoryConfig:
+    """``cfg`` with every ``null`` by-ipc setting (:data:`BY_IPC`) filled in for ``ipc``."""
+    return dataclasses.replace(cfg, **{k: by_ipc(k, ipc) for k in BY_IPC if getattr(cfg, k) is None})
+
+
 @register_synthesizer("mtt")
 class TrajectoryMatching(ImageOptimizerMixin, Synthesizer):
     """MTT and, through its config, TESLA / FTD / DATM / AST (module docstring)."""
@@ -370,7 +375,7 @@ class TrajectoryMatching(ImageOptimizerMixin, Synthesizer):
     Config: ClassVar[type] = TrajectoryConfig
 
     def __init__(self, cfg: TrajectoryConfig, ctx: SynthContext) -> None:
-        cfg = dataclasses.replace(cfg, **{k: by_ipc(k, ctx.ipc) for k in BY_IPC if getattr(cfg, k) is None})
+        cfg = resolve_config(cfg, ctx.ipc)
         self._validate(cfg, ctx)
         super().__init__(cfg, ctx)
         self.experts: Any = None
