@@ -309,6 +309,9 @@ def _method_and_precision(cfg: Mapping[str, Any], explicit: Collection[str],
 
 def resolve_iterations(cfg: Mapping[str, Any], method_cfg: Any) -> int:
     """Iterations for this run: ``iterations`` > budget table > published (cap) > budget default."""
+    n = cfg.get("iterations")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ConfigError(f"iterations must be an integer >= 0 (or null), got {n!r}")
     published = int(getattr(method_cfg, "iterations", 0))
     if published == 0:
         return 0  # pure selection methods
@@ -394,6 +397,31 @@ def check_names(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"unknown logger {group_name(cfg, 'logger')!r}; valid choices: {', '.join(LOGGERS)}")
 
 
+def check_models(cfg: Mapping[str, Any]) -> None:
+    """The distillation network's and the evaluation's model kwargs exist; the dataset's
+    ``im_size`` is null or a positive integer; ``device`` is one this machine has."""
+    from condense.models import model_kwargs
+
+    model = node(cfg, "model")
+    for where, name, kwargs in (("model.kwargs", model.get("name"), model.get("kwargs")),
+                                ("eval.model_kwargs", None, (cfg.get("eval") or {}).get("model_kwargs"))):
+        if kwargs in (None, {}):
+            continue
+        if not isinstance(kwargs, Mapping):
+            raise ConfigError(f"{where} must be a mapping of model options, got {kwargs!r}")
+        names = [name] if name else list((cfg.get("eval") or {}).get("archs") or [])
+        for arch in names:
+            valid = model_kwargs(str(arch))
+            for key in kwargs:
+                if key not in valid:
+                    raise ConfigError(f"unknown {where} key {key!r} for model {arch!r}; valid: "
+                                      f"{', '.join(valid) or '(none)'}")
+    size = node(cfg, "dataset").get("im_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ConfigError(f"dataset.im_size must be a positive integer (or null), got {size!r}")
+    _device(cfg)
+
+
 def check_ipc(cfg: Mapping[str, Any], min_class: int | None = None) -> None:
     ipc = cfg.get("ipc")
     if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
@@ -449,6 +477,8 @@ def validate(cfg: Mapping[str, Any], explicit: Collection[str] = (),
         raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
     mcfg, prec = _method_and_precision(cfg, explicit, device)
     iters = resolve_iterations(cfg, mcfg)
+    method_class(cfg).check_config(mcfg, int(cfg["ipc"]))
+    check_models(cfg)
     if hasattr(mcfg, "iterations"):
         mcfg = dataclasses.replace(mcfg, iterations=iters)
     ecfg = eval_config(cfg)

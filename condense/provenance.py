@@ -180,9 +180,18 @@ def resolve_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from condense.errors import ConfigError
+    from condense.errors import ConfigError
 
+    valid = "auto, cpu, cuda, cuda:N, mps"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}; valid: {valid}") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown device {name!r}; valid: {valid}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; valid: auto, cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {name!r} requested but MPS is not available; valid: auto, cpu")
     return dev

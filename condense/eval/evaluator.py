@@ -81,6 +81,15 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.archs:
             raise ConfigError("eval.archs is empty; name at least one model, e.g. [convnet]")
+        checks = {"lr": self.lr > 0, "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
+                  "val_size": self.val_size >= 1, "test_size": self.test_size >= 0,
+                  "soft_temperature": self.soft_temperature is None or self.soft_temperature > 0}
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"eval.{name} is invalid: {getattr(self, name)!r} (lr > 0, 0 <= momentum < 1, "
+                                  "weight_decay >= 0, val_size >= 1, test_size >= 0, soft_temperature > 0 or null)")
+        if any(not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0) for v in self.select_lr):
+            raise ConfigError(f"eval.select_lr must be positive learning rates, got {self.select_lr!r}")
 
 
 class Evaluator:

@@ -224,20 +224,22 @@ class MatchingSynthesizer(ImageOptimizerMixin, Synthesizer):
     """
 
     def __init__(self, cfg: Any, ctx: SynthContext) -> None:
+        type(self).check_config(cfg, ctx.ipc)
+        require_augmenter(self.name, cfg.dsa, ctx)
         super().__init__(cfg, ctx)
         self._view_ctx = ctx if cfg.dsa else dataclasses.replace(ctx, augment=None)
         self._warned_batch: set[int] = set()
 
-    def check_matching_config(self, cfg: Any, ctx: SynthContext) -> None:
-        """The checks every matching config shares: ``init``, the image optimizer, the augmenter.
+    @classmethod
+    def check_matching_config(cls, cfg: Any) -> None:
+        """The checks every matching config shares: ``init`` and the image optimizer.
 
         Raises:
             ConfigError: one line naming the bad value and the valid choices.
         """
         if cfg.init not in INITS:
-            raise ConfigError(f"{self.name}: unknown init {cfg.init!r}; valid: {', '.join(INITS)}")
-        check_image_optimizer(self.name, cfg.opt_img, cfg.betas_img, cfg.schedule_img)
-        require_augmenter(self.name, cfg.dsa, ctx)
+            raise ConfigError(f"{cls.name}: unknown init {cfg.init!r}; valid: {', '.join(INITS)}")
+        check_image_optimizer(cls.name, cfg.opt_img, cfg.betas_img, cfg.schedule_img)
 
     # -- contract ---------------------------------------------------------------------------
 

@@ -90,6 +90,13 @@ class Synthesizer(abc.ABC):
         self.cfg = cfg
         self.ctx = ctx
 
+    @classmethod
+    def check_config(cls, cfg: Any, ipc: int) -> None:
+        """Check ``cfg`` without data or context (ranges, choices), so that a bad value fails in
+        :func:`condense.config.validate` before anything is loaded or written. One line naming
+        the bad value and the valid choices (:class:`~condense.errors.ConfigError`). Default: nothing."""
+        return None
+
     @property
     def iterations(self) -> int:
         return int(getattr(self.cfg, "iterations", 0))

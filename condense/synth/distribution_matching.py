@@ -298,13 +298,13 @@ class DistributionMatching(MatchingSynthesizer):
     high_ipc: ClassVar[int] = 100
 
     def __init__(self, cfg: DMConfig, ctx: SynthContext) -> None:
-        self._validate(cfg, ctx)
         if cfg.lr_img is None:
             cfg = dataclasses.replace(cfg, lr_img=10.0 if ctx.ipc >= self.high_ipc else 1.0)
         super().__init__(cfg, ctx)
         self._warned_bn = False
 
-    def _validate(self, cfg: DMConfig, ctx: SynthContext) -> None:
+    @classmethod
+    def check_config(cls, cfg: DMConfig, ipc: int) -> None:
         checks = {
             "iterations": cfg.iterations >= 0,
             "batch_real": cfg.batch_real >= 1,
@@ -315,10 +315,10 @@ class DistributionMatching(MatchingSynthesizer):
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(
-                    f"{self.name}: invalid {key}={getattr(cfg, key)!r} (iterations >= 0, "
+                    f"{cls.name}: invalid {key}={getattr(cfg, key)!r} (iterations >= 0, "
                     "batch_real >= 1, 0 <= momentum < 1, chunk_classes >= 0, lr_img > 0 or null)"
                 )
-        self.check_matching_config(cfg, ctx)
+        cls.check_matching_config(cfg)
 
     # -- contract ---------------------------------------------------------------------------
 
@@ -400,16 +400,17 @@ class AttentionMatching(DistributionMatching):
     Config: ClassVar[type] = DataDAMConfig
     high_ipc: ClassVar[int] = 51  # METHODS.md: lr_img 10 for ipc > 50
 
-    def _validate(self, cfg: DataDAMConfig, ctx: SynthContext) -> None:
-        super()._validate(cfg, ctx)
+    @classmethod
+    def check_config(cls, cfg: DataDAMConfig, ipc: int) -> None:
+        super().check_config(cfg, ipc)
         if cfg.compile:
             raise ConfigError(
-                f"{self.name}: compile=true is not supported (its forward hooks would recompile "
+                f"{cls.name}: compile=true is not supported (its forward hooks would recompile "
                 "every iteration); valid: compile=false"
             )
         if cfg.power <= 0 or cfg.lambda_mmd < 0 or cfg.factor <= 0:
             raise ConfigError(
-                f"{self.name}: invalid power={cfg.power}, lambda_mmd={cfg.lambda_mmd} or "
+                f"{cls.name}: invalid power={cfg.power}, lambda_mmd={cfg.lambda_mmd} or "
                 f"factor={cfg.factor} (power > 0, lambda_mmd >= 0, factor > 0)"
             )
 

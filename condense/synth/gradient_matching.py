@@ -215,7 +215,6 @@ class GradientMatching(MatchingSynthesizer):
     Config: ClassVar[type] = GradientMatchingConfig
 
     def __init__(self, cfg: GradientMatchingConfig, ctx: SynthContext) -> None:
-        self._validate(cfg, ctx)
         if cfg.outer_loop is None or cfg.inner_loop is None:
             outer, inner = default_loops(ctx.ipc)
             cfg = dataclasses.replace(
@@ -230,7 +229,8 @@ class GradientMatching(MatchingSynthesizer):
             aug = dataclasses.replace(aug, flip_first=True)  # FYI with DSA: flip first
         self._aug = aug
 
-    def _validate(self, cfg: GradientMatchingConfig, ctx: SynthContext) -> None:
+    @classmethod
+    def check_config(cls, cfg: GradientMatchingConfig, ipc: int) -> None:
         checks = {
             "iterations": cfg.iterations >= 0,
             "lr_img": cfg.lr_img > 0,
@@ -247,7 +247,7 @@ class GradientMatching(MatchingSynthesizer):
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(
-                    f"{self.name}: invalid {key}={getattr(cfg, key)!r} (iterations >= 0, lr_img > 0, "
+                    f"{cls.name}: invalid {key}={getattr(cfg, key)!r} (iterations >= 0, lr_img > 0, "
                     "0 <= momentum < 1, batch_real >= 1, outer_loop >= 1 or null, inner_loop >= 0 "
                     "or null, lr_net > 0, 0 <= momentum_net < 1, batch_train >= 1, chunk_classes >= 0, "
                     "micro_batch >= 0 or null)"
@@ -256,8 +256,10 @@ class GradientMatching(MatchingSynthesizer):
                    "grad_impl": (cfg.grad_impl, IMPLS)}
         for key, (value, valid) in choices.items():
             if value not in valid:
-                raise ConfigError(f"{self.name}: unknown {key} {value!r}; valid: {', '.join(valid)}")
-        self.check_matching_config(cfg, ctx)
+                raise ConfigError(f"{cls.name}: unknown {key} {value!r}; valid: {', '.join(valid)}")
+        if cfg.outer_loop is None or cfg.inner_loop is None:
+            default_loops(ipc)  # an ipc without published loops needs both set
+        cls.check_matching_config(cfg)
 
     # -- contract ---------------------------------------------------------------------------
 

@@ -138,6 +138,7 @@ class Unroll:
         flip: FYI: each batch becomes ``[x; hflip(x)]`` (labels duplicated).
         scale: factor on the inner loss (AST's balanced loss).
         bf16: bfloat16 autocast of the student's forwards.
+        channels_last: feed the student channels-last batches (faster convolutions on some CPUs).
     """
 
     images: Tensor
@@ -147,6 +148,7 @@ class Unroll:
     flip: bool = False
     scale: float = 1.0
     bf16: bool = False
+    channels_last: bool = False
 
     def batch(self, i: int) -> tuple[Tensor, Tensor]:
         idx = self.batches[i]
@@ -155,6 +157,8 @@ class Unroll:
             x, y = torch.cat([x, x.flip(-1)]), torch.cat([y, y])
         if self.augment is not None:
             x = self.augment(i, x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
     def step_loss(self, student: Student, flat: Tensor, i: int) -> Tensor:
@@ -302,6 +306,8 @@ class TrajectoryConfig:
         dsa: DSA on every student batch (a fresh transform per image).
         zca: ZCA-whitened images (CIFAR protocol). Not supported yet: an error says so.
         bf16: bfloat16 autocast of the student's forwards.
+        channels_last: channels-last student batches (same numbers up to rounding; speed:
+            benchmarks/perf/trajectory_matching.py).
         unroll: ``full`` (MTT) or ``tesla`` (constant memory).
         ema_decay: FTD's exponential moving average of the images (0 = off; FTD 0.999); the
             average is the exported set.
@@ -349,6 +355,7 @@ class TrajectoryConfig:
     dsa: bool = True
     zca: bool = False
     bf16: bool = False
+    channels_last: bool = False
     unroll: str = "full"
     ema_decay: float = 0.0
     soft_labels: bool = False
@@ -376,7 +383,8 @@ class TrajectoryMatching(ImageOptimizerMixin, Synthesizer):
 
     def __init__(self, cfg: TrajectoryConfig, ctx: SynthContext) -> None:
         cfg = resolve_config(cfg, ctx.ipc)
-        self._validate(cfg, ctx)
+        type(self).check_config(cfg, ctx.ipc)
+        require_augmenter(self.name, cfg.dsa, ctx)
         super().__init__(cfg, ctx)
         self.experts: Any = None
         self.student: Student | None = None
@@ -389,8 +397,10 @@ class TrajectoryMatching(ImageOptimizerMixin, Synthesizer):
 
     # -- config -----------------------------------------------------------------------------
 
-    def _validate(self, cfg: TrajectoryConfig, ctx: SynthContext) -> None:
-        name = self.name
+    @classmethod
+    def check_config(cls, cfg: TrajectoryConfig, ipc: int) -> None:
+        cfg = resolve_config(cfg, ipc)
+        name = cls.name
         for key, value, valid in (("unroll", cfg.unroll, UNROLLS), ("lr_param", cfg.lr_param, LR_PARAMS),
                                   ("init", cfg.init, INITS), ("expert_schedule", cfg.expert_schedule,
                                                               ("constant", "step")),
@@ -430,7 +440,6 @@ class TrajectoryMatching(ImageOptimizerMixin, Synthesizer):
         if cfg.zca:
             raise ConfigError(f"{name}: zca=true is not supported yet (the evaluator cannot whiten its test "
                               "data); valid: zca=false")
-        require_augmenter(name, cfg.dsa, ctx)
 
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.cfg)
@@ -613,7 +622,7 @@ class TrajectoryMatching(ImageOptimizerMixin, Synthesizer):
                    for j, s in enumerate(matched)}
         scale = balanced_scale(t0, cfg.max_start_epoch) if cfg.balanced_inner_loss else 1.0
         u = Unroll(syn.images, syn.labels, self._batches(syn.images.shape[0]), self._augment(), cfg.flip, scale,
-                   cfg.bf16)
+                   cfg.bf16, cfg.channels_last)
         self.opt.zero_grad(set_to_none=True)
         self.opt_lr.zero_grad(set_to_none=True)
         if self.opt_y is not None:

@@ -183,8 +183,13 @@ def test_herding_init_is_the_herding_selection(tiny_data, tmp_path):
     images = init_images(make_ctx(tiny_data, ipc=2, cache_dir=tmp_path), "herding")
     picked = Herding(INIT_FEATURES, make_ctx(tiny_data, ipc=2, cache_dir=tmp_path)).init_set()
     assert images.shape == picked.images.shape and torch.equal(images, picked.images)
-    with pytest.raises(ConfigError, match="valid choices: real, noise, herding"):
-        init_images(make_ctx(tiny_data), "kmeans")
+    with pytest.raises(ConfigError, match="valid choices: real, noise, herding, kmeans"):
+        init_images(make_ctx(tiny_data), "kmeanz")
+    # k-means representatives in the same feature network: one real image of the class per centre
+    km = init_images(make_ctx(tiny_data, ipc=2, cache_dir=tmp_path), "kmeans")
+    for i, c in enumerate([0, 0, 1, 1, 2, 2, 3, 3]):
+        pool = tiny_data.train_images[tiny_data.train_labels == c]
+        assert bool((pool - km[i]).flatten(1).abs().amax(1).eq(0).any())
 
 
 class Preparing(Toy):
