@@ -241,12 +241,35 @@ class Evaluator:
         if syn.meta.dataset.name != self.data.spec.name:
             raise ConfigError(f"synthetic set is for dataset {syn.meta.dataset.name!r} but the "
                               f"evaluator holds {self.data.spec.name!r}")
-        if syn.zca_matrix is not None:
-            raise ConfigError("ZCA-whitened sets need the test data whitened with the same matrix; "
-                              "build the evaluator's data with that ZCA (not supported yet here)")
         lr = float(syn.lr) if syn.lr is not None else None
         temp = syn.meta.extra.get("label_temperature") if syn.soft else None
-        return self.evaluate_tensors(syn.images, syn.labels, learned_lr=lr, label_temperature=temp)
+        target = self if syn.zca_matrix is None else self.whitened(syn)
+        return target.evaluate_tensors(syn.images, syn.labels, learned_lr=lr, label_temperature=temp)
+
+    def whitened(self, syn: SyntheticSet) -> Evaluator:
+        """This evaluator on ZCA-whitened data, for a set that lives in the whitened space.
+
+        The transform (matrix and mean) is refitted on this evaluator's training images with the
+        set's ``zca_reg`` and must reproduce the set's stored matrix: the models then see test
+        images whitened exactly as the set's images were.
+
+        Raises:
+            ConfigError: the set records no ``zca_reg``, or the refitted matrix differs (other data).
+        """
+        from condense.data import ZCA
+
+        reg = syn.meta.extra.get("zca_reg")
+        if reg is None:
+            raise ConfigError("the set is ZCA-whitened but records no zca_reg (meta.extra); cannot rebuild "
+                              "its transform to whiten the test images")
+        zca = ZCA.fit(self.data.train_images, float(reg))
+        stored = syn.zca_matrix.to(zca.matrix.device, zca.matrix.dtype)
+        if stored.shape != zca.matrix.shape or not torch.allclose(stored, zca.matrix, rtol=1e-3, atol=1e-4):
+            raise ConfigError("the set's ZCA matrix does not match one fitted on this evaluator's training "
+                              f"images (zca_reg {reg}): it was distilled from other data")
+        d = self.data
+        white = dataclasses.replace(d, train_images=zca.apply(d.train_images), test_images=zca.apply(d.test_images))
+        return Evaluator(self.cfg, white, self.device)
 
     def evaluate_whole(self) -> EvalReport:
         """The whole-training-set reference under the same protocol."""

@@ -4,6 +4,7 @@ learned lr / soft labels / EMA reaching the artifact and the evaluator."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -202,3 +203,31 @@ def test_bad_settings_name_the_valid_choices(tiny_data, tmp_path):
         _synth("mtt", tiny_data, tmp_path, zca=True)
     with pytest.raises(ConfigError, match="current_max_start_epoch"):
         _synth("datm", tiny_data, tmp_path, current_max_start_epoch=5)
+
+
+def test_zca_sets_live_in_the_whitened_space_and_the_evaluator_whitens_its_test_images(tiny_data, tmp_path):
+    from condense.artifacts import load_synset, save_synset
+    from condense.data import ZCA
+    from condense.eval import EvalConfig, Evaluator
+
+    s = _synth("mtt", tiny_data, tmp_path, zca=True, zca_reg=0.1)
+    s.prepare()
+    syn = s.init_set()
+    zca = ZCA.fit(tiny_data.train_images, 0.1)
+    # the initial images are whitened real images of their class
+    white = zca.apply(tiny_data.train_images)
+    for i, c in enumerate([0, 0, 1, 1, 2, 2, 3, 3]):
+        assert bool((white[tiny_data.train_labels == c] - syn.images[i]).flatten(1).abs().amax(1).lt(1e-5).any())
+    s.step(syn, 0)
+    out = s.finalize(syn)
+    assert out.meta.zca and torch.allclose(out.zca_matrix, zca.matrix) and out.meta.extra["zca_reg"] == 0.1
+    save_synset(out, tmp_path / "run")
+    back = load_synset(tmp_path / "run")
+    ev = Evaluator(EvalConfig(num_models=1, epochs=2, dsa=False), tiny_data)
+    w = ev.whitened(back)
+    assert torch.allclose(w.data.test_images, zca.apply(tiny_data.test_images))
+    assert ev.evaluate(back).summary["convnet"]["n"] == 1
+    # a set whitened on other data is refused
+    other = dataclasses.replace(back, zca_matrix=back.zca_matrix * 1.5)
+    with pytest.raises(ConfigError, match="does not match"):
+        ev.evaluate(other)

@@ -34,6 +34,7 @@ def test_paper_budget_on_cifar10_is_the_published_table(method, ipc):
     assert (m.expert_epochs, m.num_experts, m.expert_train_epochs, m.expert_lr) == (2, 10, 50, 0.01)
     assert m.iterations == 5000 and m.unroll == ("tesla" if method == "tesla" else "full")
     assert (m.expert_sam, m.ema_decay) == (("gsam", 0.999) if method == "ftd" else ("none", 0.0))
+    assert m.zca == (ipc in (1, 10))
 
 
 @pytest.mark.parametrize("ipc", [1, 10, 50])
@@ -43,7 +44,7 @@ def test_paper_budget_datm_on_cifar10(ipc):
     lr_img, batch_syn, lr_y, lr_lr, window = DATM_TABLE[ipc]
     assert (m.lr_img, m.batch_syn, m.lr_y, m.lr_lr, m.syn_steps, m.iterations) == (
         lr_img, batch_syn, lr_y, lr_lr, 80, 10000)
-    assert m.soft_labels and m.init == "expert_correct"
+    assert m.soft_labels and m.init == "expert_correct" and m.zca
     if window is None:
         assert not m.sequential and (m.min_start_epoch, m.max_start_epoch, m.skip_threshold) == (0, 4, 1.1)
     else:
@@ -75,8 +76,9 @@ def test_smoke_run_on_fabricated_cifar10(tmp_path, method):
                           cache_dir=str(tmp_path / "cache"), progress=False, evaluate=True,
                           **{"dataset.root": str(tmp_path / "data"), "model.kwargs.width": 8,
                              "method.expert_train_size": 0, "method.expert_test_size": 0,
-                             "method.init": "real", "eval.test_size": 0})
+                             "method.init": "real", "eval.test_size": 0, "method.zca": method == "mtt"})
     syn = load_synset(res.run_dir)
     assert syn.images.shape == (10, 3, 32, 32) and syn.lr is not None and float(syn.lr) > 0
     assert res.record["eval"]["protocol"]["learned_lr"] == pytest.approx(float(syn.lr))
     assert syn.soft == (method == "datm")
+    assert syn.meta.zca == (method == "mtt")  # ZCA end to end: whitened distillation and evaluation
