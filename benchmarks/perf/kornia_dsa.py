@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         syn = torch.rand(K, SYN, c, 28, 28, generator=g).requires_grad_(True)
         fns = {"ours": ours(op, c), "kornia": kornia_op(op, c)}
 
-        def call(fn=None):  # noqa: ANN001, ANN202
+        def call(fn, real=real, syn=syn) -> None:  # noqa: ANN001
             r, s = fn(real, syn)
             (r.sum() + s.sum()).backward()
             syn.grad = None
