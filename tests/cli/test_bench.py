@@ -65,11 +65,11 @@ def test_fmnist_cpu_expansion() -> None:
     assert {r.dataset for r in runs} == {"fashion_mnist"}
     got = Counter((r.label, r.ipc) for r in runs)
     assert all(v == 1 for v in got.values())
-    for m in ("random", "herding", "kcenter", "dc", "dsa", "dm", "datadam"):
+    for m in ("random", "herding", "kcenter", "dc", "dsa", "dm", "datadam", "mtt", "tesla", "ftd", "datm"):
         assert (m, 1) in got and (m, 10) in got, m
     assert {lab for lab, _ in got if lab.endswith("+flip")} == {"dsa+flip", "dm+flip", "datadam+flip"}
     assert {lab for lab, ipc in got if ipc == 50} == {"random", "herding", "dm", "dsa"}
-    assert len(runs) == 24
+    assert len(runs) == 32
 
 
 def test_runs_missing_then_skips(tmp_path: Path, fake: FakeCondense, capsys: pytest.CaptureFixture) -> None:

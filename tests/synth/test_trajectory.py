@@ -199,8 +199,8 @@ def test_bad_settings_name_the_valid_choices(tiny_data, tmp_path):
         _synth("mtt", tiny_data, tmp_path, unroll="tes")
     with pytest.raises(ConfigError, match="expert_train_epochs"):
         _synth("mtt", tiny_data, tmp_path, max_start_epoch=3, expert_epochs=2, expert_train_epochs=3)
-    with pytest.raises(ConfigError, match="zca"):
-        _synth("mtt", tiny_data, tmp_path, zca=True)
+    with pytest.raises(ConfigError, match="zca_reg"):
+        _synth("mtt", tiny_data, tmp_path, zca=True, zca_reg=-1.0)
     with pytest.raises(ConfigError, match="current_max_start_epoch"):
         _synth("datm", tiny_data, tmp_path, current_max_start_epoch=5)
 
