@@ -9,7 +9,7 @@ in every student batch; ``--ipc`` changes it), DSA on. Measured:
   saved until its graph is freed (``torch.autograd.graph.saved_tensors_hooks``; storages counted
   once); the peak over the iteration. Deterministic.
 - peak RSS of a fresh subprocess running just that iteration on the saved synthetic set (the
-  dataset never enters it; ``ru_maxrss``), as a cross-check: it also holds the runtime and what
+  dataset never enters it; ``VmHWM``), as a cross-check: it also holds the runtime and what
   autograd does not, e.g. TESLA's stored per-step parameters (P floats each).
 - TESLA's image gradient against the full unroll's (cosine), the approximation it makes.
 
@@ -128,13 +128,26 @@ def iteration(method: str, syn: dict, steps: int, width: int) -> dict:
             "num_params": int(start.numel())}
 
 
+def peak_rss() -> int:
+    """This process's peak resident set in bytes: ``VmHWM`` (reset by exec, unlike ``ru_maxrss``,
+    which a child started by fork + exec inherits from its parent); ``ru_maxrss`` where there is
+    no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(args: argparse.Namespace) -> None:
     """Subprocess mode: run one iteration on the set saved by the parent (so the dataset never
     enters this process), print its peak RSS (bytes) and autograd peak as JSON."""
     syn = torch.load(args.set_file, weights_only=False)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_rss()
     out = iteration(args.child, syn, args.steps_one, args.width)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss()
     print(json.dumps({"rss_peak_bytes": rss, "rss_before_bytes": before,
                       "autograd_peak_bytes": out["autograd_peak_bytes"]}))
 
