@@ -154,7 +154,8 @@ def result_record(cfg: Mapping[str, Any], built: C.Built, result_info: Mapping[s
     ``code``: the code version taken when the job started (default: now); a long run must not
     record a commit made while it ran. ``speed``: :func:`condense.provenance.speed_probe` GFLOP/s
     at the start and end of the distillation (``machine.gemm_gflops``). ``prepare.wall_s``: the
-    method's preparation (teachers, experts), outside ``distill.wall_s``. Paths are relative to
+    method's preparation (teachers, experts) in this run, outside ``distill.wall_s``; with the
+    method's ``prepare_info`` beside it (e.g. ``cold_s``: what training its cached experts took). Paths are relative to
     the working directory where they lie under it.
     """
     m = built.method
@@ -173,7 +174,7 @@ def result_record(cfg: Mapping[str, Any], built: C.Built, result_info: Mapping[s
         "method_config": dataclasses.asdict(m) if dataclasses.is_dataclass(m) else None,
         "code_version": code if code is not None else provenance.code_version(),
         "machine": {**provenance.machine_info(device), **({"gemm_gflops": speed} if speed else {})},
-        "prepare": {"wall_s": result_info.get("prepare_s")},
+        "prepare": {"wall_s": result_info.get("prepare_s"), **(result_info.get("prepare_info") or {})},
         "distill": {"wall_s": result_info["wall_s"], "iterations": result_info["iterations"],
                     "iterations_planned": result_info["iterations_planned"],
                     "stopped_by": result_info["stopped_by"], "init_s": result_info.get("init_s")},

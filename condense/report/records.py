@@ -262,15 +262,22 @@ def aggregate(records: list[dict[str, Any]]) -> dict[CellKey, Cell]:
 
 
 def prepare_s(recs: list[dict[str, Any]]) -> float | None:
-    """The longest ``prepare.wall_s`` (teachers / experts, off the distillation clock) of ``recs``.
+    """The longest cold prepare (teachers / experts, off the distillation clock) of ``recs``:
+    per record ``prepare.cold_s`` (what training its cached teachers took) where the method
+    reports it, else ``prepare.wall_s`` (what this run's prepare took).
 
     The longest, not the mean: the first seed of a cell usually trains the teachers (a cold run)
     and the later ones load them from the cache, and the cold cost is the one a reader needs.
     ``None`` when no record has a ``prepare`` block (records written before that phase existed,
     and methods without one).
     """
-    vals = [float(r["prepare"]["wall_s"]) for r in recs
-            if isinstance(r.get("prepare"), dict) and _is_num(r["prepare"].get("wall_s"))]
+    vals = []
+    for r in recs:
+        p = r.get("prepare")
+        if isinstance(p, dict):
+            got = [float(p[k]) for k in ("wall_s", "cold_s") if _is_num(p.get(k))]
+            if got:
+                vals.append(max(got))
     return max(vals) if vals else None
 
 

@@ -101,6 +101,10 @@ class Synthesizer(abc.ABC):
     def iterations(self) -> int:
         return int(getattr(self.cfg, "iterations", 0))
 
+    #: Facts about the prepare phase for the run's record (``record["prepare"]``), e.g. whether
+    #: the teachers came from the cache and what training them cost when they were trained.
+    prepare_info: dict[str, Any] = {}  # noqa: RUF012 - replaced per instance, never mutated
+
     def prepare(self) -> None:
         """Obtain what the method needs before distillation starts (teachers, expert trajectories).
 

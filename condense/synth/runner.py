@@ -95,11 +95,13 @@ class RunResult:
     stopped_by: str  # "iterations" | "deadline"
     init_s: float = 0.0  # of wall_s: building the starting set (this process; a resumed run's is in wall_s)
     prepare_s: float = 0.0  # NOT in wall_s: ``Synthesizer.prepare`` (teachers, experts) in this process
+    prepare_info: dict[str, Any] = field(default_factory=dict)  # ``Synthesizer.prepare_info``
 
     def info(self) -> dict[str, Any]:
         return {"iterations": self.iterations_done, "iterations_planned": self.iterations_planned,
                 "wall_s": round(self.wall_s, 3), "init_s": round(self.init_s, 3),
-                "prepare_s": round(self.prepare_s, 3), "stopped_by": self.stopped_by}
+                "prepare_s": round(self.prepare_s, 3), "prepare_info": dict(self.prepare_info),
+                "stopped_by": self.stopped_by}
 
 
 class _SignalFlag:
@@ -269,7 +271,7 @@ def run(synth: Synthesizer, cfg: RunConfig) -> RunResult:
     syn = synth.finalize(syn)
     syn = syn.detach_clone()
     result = RunResult(syn=syn, iterations_done=it, iterations_planned=total, wall_s=wall, stopped_by=stopped_by,
-                       init_s=init_s, prepare_s=prepare_s)
+                       init_s=init_s, prepare_s=prepare_s, prepare_info=dict(synth.prepare_info))
     for cb in cfg.callbacks:
         cb.on_end(syn, result.info())
     return result

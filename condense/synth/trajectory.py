@@ -493,6 +493,12 @@ class TrajectoryMatching(ImageOptimizerMixin, Synthesizer):
         model.requires_grad_(False)
         self.student = Student(model, self.experts.layout)
         accs = [e.test_acc[-1] for e in self.experts]
+        self.prepare_info = {
+            "experts": len(self.experts), "expert_epochs": self.experts.epochs, "expert_set": self.experts.root.name,
+            # what training these experts took when they were trained (summed over the experts; the
+            # manifests' wall_s), i.e. the prepare time of a cold run
+            "cold_s": round(sum(float(e.manifest.get("wall_s") or 0.0) for e in self.experts), 1),
+            "expert_test_acc": accs}
         log.info("%s: %d experts of %d epochs, final test accuracy %s", self.name, len(self.experts),
                  self.experts.epochs, ", ".join(f"{a:.2f}" for a in accs if a is not None))
 
