@@ -102,8 +102,9 @@ class Student:
         self.buffers = dict(model.named_buffers())
 
     def params(self, flat: Tensor) -> dict[str, Tensor]:
-        parts = torch.split(flat, self.sizes)
-        return {n: p.view(s) for (n, s), p in zip(self.layout, parts, strict=True)}
+        from condense.teachers import unflatten
+
+        return unflatten(flat, self.layout)
 
     def __call__(self, flat: Tensor, x: Tensor) -> Tensor:
         return functional_call(self.model, ({**self.params(flat)}, self.buffers), (x,))
