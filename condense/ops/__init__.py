@@ -1,6 +1,8 @@
 """Numerical building blocks shared by the methods.
 
-- :mod:`condense.ops.grads` per-class / per-sample gradients (``torch.func``), BatchNorm freezing.
+- :mod:`condense.ops.grads` per-class gradients (``torch.func`` or a loop), BatchNorm freezing.
+- :mod:`condense.ops.per_sample` per-sample gradients and norms (func / hooks / ghost backends).
+- :mod:`condense.ops.kernels` the fused per-sample conv gradient norm (Triton, ``torch.library``).
 - :mod:`condense.ops.distances` distances between per-class gradients (DC/DSA).
 - :mod:`condense.ops.features` forward-hook feature capture, attention maps (DataDAM).
 - :mod:`condense.ops.mmd` class-wise mean-embedding distances (DM).
@@ -17,11 +19,12 @@ from condense.ops.grads import (
     freeze_bn_stats,
     matching_params,
     per_class_grads,
-    per_sample_grads,
     resolve_impl,
 )
+from condense.ops.per_sample import BACKENDS, per_sample_grad_norms, per_sample_grads
 
 __all__ = [
+    "BACKENDS",
     "IMPLS",
     "METRICS",
     "freeze_bn_stats",
@@ -29,6 +32,7 @@ __all__ = [
     "has_batchnorm",
     "matching_params",
     "per_class_grads",
+    "per_sample_grad_norms",
     "per_sample_grads",
     "resolve_impl",
 ]

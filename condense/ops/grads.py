@@ -3,7 +3,6 @@
 - :func:`per_class_grads` for each class ``k`` the gradient of ``mean CE(model(x_k), y_k)``,
   for all classes in one call, optionally differentiable w.r.t. the images (gradient matching
   back-propagates through the synthetic gradients into the synthetic images).
-- :func:`per_sample_grads` the same for every single sample (GraNd-style pruning scores).
 - :func:`freeze_bn_stats` set BatchNorm running statistics from real images, then freeze them.
 - :func:`matching_params` the weights a gradient distance needs (``ours`` ignores 1-D ones).
 
@@ -329,42 +328,6 @@ def _per_class_loop(
 
 
 # --------------------------------------------------------------------------- per-sample grads
-
-
-def per_sample_grads(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    params: Params | None = None,
-    chunk_size: int | None = None,
-) -> dict[str, Tensor]:
-    """Gradient of each sample's cross-entropy w.r.t. the weights (detached).
-
-    Args:
-        model: the network; BatchNorm layers must be in eval mode.
-        x: ``(N, C, H, W)`` images.
-        y: ``(N,)`` int64 labels.
-        params: ``{name: tensor}`` weights (default: every trainable parameter).
-        chunk_size: samples per vectorised call (bounds memory); ``None`` = all at once.
-
-    Returns:
-        ``{name: (N, *param.shape)}``.
-    """
-    _check_xy(x, y, 1)
-    if _bn_in_train_mode(model):
-        raise ConfigError(
-            f"{type(model).__name__} has BatchNorm layers in train mode; per-sample gradients "
-            "need eval-mode statistics: call model.eval() or freeze_bn_stats(model, images)"
-        )
-    p = {n: t.detach() for n, t in _resolve_params(model, params).items()}
-    loss_fn = _ce_loss_fn(model)
-
-    def one(pp: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        return loss_fn(pp, xi.unsqueeze(0), yi.unsqueeze(0))
-
-    out = vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)(p, x.detach(), y)
-    return {n: g.detach() for n, g in out.items()}
 
 
 # --------------------------------------------------------------------------- BatchNorm

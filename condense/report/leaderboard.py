@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 DASH = "—"
 DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10",
                  "cifar100": "CIFAR-100", "svhn": "SVHN", "tiny_imagenet": "Tiny ImageNet"}
-METHOD_ORDER = ("random", "herding", "kcenter", "dc", "dsa", "dm", "datadam", "mtt", "ftd", "tesla",
-                "datm", "sre2l", "cda")
+METHOD_ORDER = ("random", "herding", "kcenter", "grand", "el2n", "forgetting", "dc", "dsa", "dm", "datadam",
+                "mtt", "ftd", "tesla", "datm", "sre2l", "cda")
 
 
 def _order(label: str) -> tuple[int, str]:

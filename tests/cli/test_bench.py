@@ -68,8 +68,10 @@ def test_fmnist_cpu_expansion() -> None:
     for m in ("random", "herding", "kcenter", "dc", "dsa", "dm", "datadam", "mtt", "tesla", "ftd", "datm"):
         assert (m, 1) in got and (m, 10) in got, m
     assert {lab for lab, _ in got if lab.endswith("+flip")} == {"dsa+flip", "dm+flip", "datadam+flip"}
-    assert {lab for lab, ipc in got if ipc == 50} == {"random", "herding", "dm", "dsa"}
-    assert len(runs) == 32
+    for m in ("grand", "el2n", "forgetting"):
+        assert (m, 10) in got and (m, 50) in got, m
+    assert {lab for lab, ipc in got if ipc == 50} == {"random", "herding", "dm", "dsa", "grand", "el2n", "forgetting"}
+    assert len(runs) == 38
 
 
 def test_runs_missing_then_skips(tmp_path: Path, fake: FakeCondense, capsys: pytest.CaptureFixture) -> None:

@@ -193,6 +193,26 @@ def test_smoke_run_through_the_cli(tmp_path, method, flip):
     assert json.loads((tmp_path / "e.json").read_text())["summary"]["convnet"]["n"] == 1
 
 
+PRUNING = ("grand", "el2n", "forgetting")
+
+
+@needs_fmnist
+@pytest.mark.slow
+@pytest.mark.parametrize("method", PRUNING)
+def test_pruning_smoke_run_through_the_cli(tmp_path, method):
+    """The issue's acceptance command: ``condense method=<m> dataset=fashion_mnist ipc=10 budget=smoke``."""
+    out = tmp_path / "run"
+    r = _run([f"method={method}", "dataset=fashion_mnist", "ipc=10", "budget=smoke", f"hydra.run.dir={out}",
+              f"cache_dir={tmp_path / 'cache'}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "result.json").read_text())
+    assert res["method"] == method and res["ipc"] == 10 and res["distill"]["iterations"] == 0
+    man = json.loads((out / "manifest.json").read_text())
+    picked = man["extra"]["selected_indices"]
+    assert len(picked) == 100 and len(set(picked)) == 100
+    assert man["extra"]["scores"]["selected"]["n"] == 100
+
+
 def test_condense_eval_refuses_a_corrupted_artifact(tmp_path):
     r = _run([f"artifact={tmp_path}"], cwd=tmp_path, cmd=CONDENSE_EVAL)
     assert r.returncode == 1
