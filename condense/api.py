@@ -98,6 +98,10 @@ def distil(method: str | None = None, dataset: str | None = None, ipc: int | Non
     ``preview.png`` in ``run_dir``, evaluate (``eval.json``), export, and write ``result.json``
     (and ``result_json`` if set).
 
+    Called in every process of ``torchrun --nproc-per-node N script.py`` (``dm``, ``datadam``,
+    ``dc``, ``dsa``), it is one class-parallel run (:mod:`condense.distributed`): each rank
+    distils its block of classes; rank 0 writes the files; every rank returns the whole set.
+
     Args:
         method, dataset, ipc, budget, config, **overrides: the run (see :func:`compose`), e.g.
             ``seed=1``, ``evaluate=False``, ``precision="fp32"``, ``resume=True``.
@@ -116,6 +120,8 @@ def distil(method: str | None = None, dataset: str | None = None, ipc: int | Non
         DatasetNotFoundError: the dataset's files are not there (nothing written).
         RunInterrupted: SIGINT/SIGTERM during synthesis (a checkpoint was written: call again
             with ``resume=True`` and the same ``run_dir``).
+        condense.distributed.RankLostError: class-parallel, another rank died or hangs (every
+            rank's checkpoints are kept: rerun with ``resume=True``).
     """
     cfg, cli = compose(method, dataset, ipc, budget, config=config, **overrides)
     explicit = set(keep_method) | C.method_keys(cli)

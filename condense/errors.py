@@ -28,3 +28,8 @@ class ArtifactError(CondenseError):
 
 class NonFiniteError(CondenseError, FloatingPointError):
     """A loss or the synthetic images became NaN/inf during synthesis."""
+
+
+class RankLostError(CondenseError):
+    """A collective of a class-parallel run failed or timed out: another rank died or hangs
+    (:mod:`condense.distributed`; every rank's checkpoints are kept for ``resume=true``)."""

@@ -1,6 +1,12 @@
 """The pipeline on a plain config dict: validate, load data, synthesize, save, evaluate, export,
 record. Hydra-free; :mod:`condense.api` (named configs for Python users) and the CLI (Hydra's
 composition) both hand it the resolved config dict, so a run is the same whichever way it starts.
+
+Under ``torchrun`` with several processes (:mod:`condense.distributed`) a run is class-parallel:
+every rank validates the config, loads the data and distils its block of classes; the run
+directory is rank 0's (broadcast, so a timestamp in it cannot differ between ranks); rank 0
+alone writes the artifact, evaluates, exports and writes the record, the other ranks write
+nothing but their checkpoints and return the same set and record without files (``paths`` empty).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 import torch
 
 from condense import config as C
-from condense import provenance
+from condense import distributed, provenance
 from condense.data import describe_root
 from condense.errors import ConfigError
 from condense.synth import runner
@@ -73,11 +79,19 @@ def distil_config(cfg: Mapping[str, Any], *, explicit: Collection[str] = (), run
     device = provenance.resolve_device(str(cfg.get("device") or "auto"))
     built = C.validate(cfg, set(explicit), device)
     out = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    return _pipeline(cfg, built, device, out, list(callbacks), command)
+    with distributed.session(device) as (world, device):
+        if not world.parallel:
+            return _pipeline(cfg, built, device, out, list(callbacks), command)
+        if not C.method_class(cfg).class_parallel:
+            from condense.synth.base import require_class_parallel
+
+            require_class_parallel(C.method_class(cfg))  # raises the same line on every rank
+        return _pipeline(cfg, built, device, out, list(callbacks), command, world)
 
 
 def _pipeline(cfg: dict[str, Any], built: C.Built, device: torch.device, run_dir: Path,
-              extra_callbacks: list[runner.Callback], command: str | None) -> DistilResult:
+              extra_callbacks: list[runner.Callback], command: str | None,
+              world: distributed.World | None = None) -> DistilResult:
     from condense.artifacts import save_synset
     from condense.eval import Evaluator, write_eval_json
 
@@ -85,22 +99,32 @@ def _pipeline(cfg: dict[str, Any], built: C.Built, device: torch.device, run_dir
     data = C.load_data(cfg, device)
     ctx = C.synth_context(cfg, data, device)
     C.check_ipc(cfg, int(ctx.index.min_count))
+    main = world is None or world.is_main
+    if world is not None:
+        ctx = dataclasses.replace(ctx, shard=distributed.ClassShard.of(world, data.spec.num_classes))
+        run_dir = Path(ctx.shard.broadcast_object(str(run_dir), "the broadcast of the run directory"))
+        log.info("class-parallel %s on %s, run directory %s", method, ctx.shard.describe(), run_dir)
     synth = C.method_class(cfg)(built.method, ctx)
-    evaluator = Evaluator(built.eval, data, device) if cfg.get("evaluate", True) else None
-    callbacks = _callbacks(cfg, evaluator, run_dir) + extra_callbacks
+    evaluator = Evaluator(built.eval, data, device) if cfg.get("evaluate", True) and main else None
+    callbacks = (_callbacks(cfg, evaluator, run_dir, parallel=world is not None) if main else []) + extra_callbacks
     log.info("%s on %s, ipc %d, %d iterations (budget %s), %s (%s), device %s", method, dataset, cfg["ipc"],
              built.iterations, C.group_name(cfg, "budget"), built.precision.value, built.precision.source, device)
     code = provenance.code_version()  # the code that runs: taken before the (possibly hours-long) run
-    speed = {"start": provenance.speed_probe(device)}
+    speed = {"start": provenance.speed_probe(device)} if main else None
     result = runner.run(synth, C.run_config(cfg, run_dir, callbacks))
-    speed["end"] = provenance.speed_probe(device)
-    log.info("machine speed probe: %.1f GFLOP/s at the start, %.1f at the end of the distillation "
-             "(fp32 GEMM)", speed["start"], speed["end"])
+    if speed is not None:
+        speed["end"] = provenance.speed_probe(device)
+        log.info("machine speed probe: %.1f GFLOP/s at the start, %.1f at the end of the distillation "
+                 "(fp32 GEMM)", speed["start"], speed["end"])
     syn = result.syn
     syn.meta.config = {"method": dataclasses.asdict(built.method), "run": cfg,
                        "precision": built.precision.to_dict()}
     syn.meta.code_version = code
     syn.meta.extra = {**syn.meta.extra, "distill": result.info()}
+    if not main:  # rank 0 writes the artifact and the record, and evaluates
+        record = result_record(cfg, built, result.info(), None, device, run_dir=run_dir, code=code,
+                               command=command, data_root=getattr(data, "root", None))
+        return DistilResult(synset=syn, record=record, report=None, run_dir=run_dir, paths={})
     report = evaluator.evaluate(syn) if evaluator is not None else None
     recipe = report.protocol if report is not None else None
     paths = {"artifact": run_dir, "manifest": save_synset(syn, run_dir, eval_recipe=recipe),
@@ -119,11 +143,19 @@ def _pipeline(cfg: dict[str, Any], built: C.Built, device: torch.device, run_dir
     return DistilResult(synset=syn, record=record, report=report, run_dir=run_dir, paths=paths)
 
 
-def _callbacks(cfg: Mapping[str, Any], evaluator: Any, run_dir: Path) -> list[runner.Callback]:
-    """Periodic evaluation (``budget.eval_every``) and the logger of ``cfg["logger"]``."""
+def _callbacks(cfg: Mapping[str, Any], evaluator: Any, run_dir: Path,
+               parallel: bool = False) -> list[runner.Callback]:
+    """Periodic evaluation (``budget.eval_every``) and the logger of ``cfg["logger"]``.
+
+    ``parallel``: a class-parallel run's rank 0, which holds part of the set during the run, so
+    periodic evaluation is skipped (with a warning); the final evaluation runs as usual.
+    """
     out: list[runner.Callback] = []
     every = int(C.node(cfg, "budget").get("eval_every") or 0)
-    if every and evaluator is not None:
+    if every and evaluator is not None and parallel:
+        log.warning("budget.eval_every=%d is ignored in a class-parallel run (each rank holds only its classes "
+                    "during the run); the finished set is evaluated as usual", every)
+    elif every and evaluator is not None:
         out.append(runner.EvalCallback(evaluator, every))
     logger = C.node(cfg, "logger")
     if logger.get("name") == "wandb":
@@ -177,7 +209,8 @@ def result_record(cfg: Mapping[str, Any], built: C.Built, result_info: Mapping[s
         "prepare": {"wall_s": result_info.get("prepare_s"), **(result_info.get("prepare_info") or {})},
         "distill": {"wall_s": result_info["wall_s"], "iterations": result_info["iterations"],
                     "iterations_planned": result_info["iterations_planned"],
-                    "stopped_by": result_info["stopped_by"], "init_s": result_info.get("init_s")},
+                    "stopped_by": result_info["stopped_by"], "init_s": result_info.get("init_s"),
+                    **({"ranks": result_info["ranks"]} if result_info.get("ranks") else {})},
         "eval": None if report is None else {"protocol": report.protocol, "runs": report.runs,
                                              "summary": report.summary, "wall_s": round(report.wall_s, 3)},
         "command": command,

@@ -154,9 +154,17 @@ def _hydra_job(cfg: Any) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         t0 = time.perf_counter()
-        result = distil_config(to_plain(cfg), explicit=cli_method_keys(), run_dir=run_dir,
-                               command=_job_command(cfg))
-        _print_summary(result.record, run_dir)
+        world = _world()
+        if world.rank > 0:  # a class-parallel run's other ranks: warnings and errors only
+            logging.getLogger().setLevel(logging.WARNING)
+        command = _job_command(cfg)
+        if world.parallel:
+            command = f"{_torchrun(world.size)} --no-python {command}"
+        result = distil_config(to_plain(cfg), explicit=cli_method_keys(), run_dir=run_dir, command=command)
+        if result.run_dir != run_dir:  # a rank's own (time-stamped) folder: the run used rank 0's
+            _remove_if_empty(run_dir)
+        if world.is_main:
+            _print_summary(result.record, result.run_dir)
         log.info("done in %.0f s", time.perf_counter() - t0)
     except (ConfigError, DatasetNotFoundError) as e:
         _remove_if_empty(run_dir)
@@ -167,8 +175,32 @@ def _hydra_job(cfg: Any) -> None:
         _die(str(e), 1)
 
 
+def _torchrun(size: int) -> str:
+    """The torchrun call of this job's shape (one node: ``--standalone``)."""
+    import os
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or size)
+    if local >= size:
+        return f"torchrun --standalone --nproc-per-node {size}"
+    return f"torchrun --nnodes {size // max(local, 1)} --nproc-per-node {local}"
+
+
+def _world() -> Any:
+    """The torchrun world of this process (``condense.distributed.World``)."""
+    from condense.distributed import env_world
+
+    try:
+        return env_world()
+    except ConfigError as e:
+        _die(str(e), 2)
+
+
 def main() -> None:
-    """Console script ``condense``."""
+    """Console script ``condense``; under ``torchrun --nproc-per-node N --no-python condense ...``
+    one class-parallel run (:mod:`condense.distributed`)."""
+    if _world().parallel and any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+        _die("a sweep (-m) cannot run under torchrun: torchrun runs ONE class-parallel job; start one "
+             "torchrun per job, or sweep without torchrun (hydra/launcher=joblib or slurm)", 2)
     run_app("config", _hydra_job)
 
 

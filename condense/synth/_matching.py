@@ -9,6 +9,11 @@
   per-class real batch (capped at the smallest class, warned once), the siamese views, the
   image optimizer from the config's ``lr_img`` / ``momentum`` / ``opt_img`` / ``betas_img`` /
   ``schedule_img`` fields, checkpoint state.
+
+Class-parallel runs (``ctx.shard``, :mod:`condense.distributed`): the initial images, the real
+batches and the siamese DSA parameters are drawn for ALL classes, exactly as one process draws
+them, and each rank keeps its own classes' part; so a rank's images, real views and losses are
+those of one process for the same classes, and the generators of all ranks stay in step.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 import torch
 
 from condense.errors import ConfigError
-from condense.synth.base import SynthContext, Synthesizer
+from condense.synth.base import SynthContext, Synthesizer, require_class_parallel
 from condense.types import SetMeta, SyntheticSet, class_major_labels
 
 log = logging.getLogger(__name__)
@@ -48,7 +53,18 @@ def init_images(ctx: SynthContext, init: str,
     random real images at small ipc (measured effect: the cpu budget's ablation records);
     ``kmeans``: per class the real images nearest ``ipc`` k-means centres of ``features(images)``
     (default: the herding feature network's embedding).
+
+    With ``ctx.shard`` (class-parallel): the rows of the rank's classes only, ``(k*ipc, C, H, W)``,
+    from the draws of all classes.
     """
+    images = _all_classes_images(ctx, init, features)
+    if ctx.shard is None:
+        return images
+    return images[ctx.shard.rows(ctx.ipc)].clone()
+
+
+def _all_classes_images(ctx: SynthContext, init: str,
+                        features: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     spec = ctx.spec
     k, ipc = spec.num_classes, ctx.ipc
     if init == "real":
@@ -71,8 +87,12 @@ def init_images(ctx: SynthContext, init: str,
 
 
 def new_synthetic_set(ctx: SynthContext, images: torch.Tensor, method: str, config: dict) -> SyntheticSet:
-    """Wrap ``images`` (class-major) as a hard-labelled SyntheticSet with metadata."""
-    labels = class_major_labels(ctx.spec.num_classes, ctx.ipc, device=images.device)
+    """Wrap ``images`` (class-major) as a hard-labelled SyntheticSet with metadata (with
+    ``ctx.shard``: the rank's classes' images and labels)."""
+    if ctx.shard is None:
+        labels = class_major_labels(ctx.spec.num_classes, ctx.ipc, device=images.device)
+    else:
+        labels = ctx.shard.labels(ctx.ipc, images.device)
     meta = SetMeta(dataset=ctx.spec, ipc=ctx.ipc, method=method, config=config, seed=ctx.seed)
     return SyntheticSet(images=images, labels=labels, meta=meta)
 
@@ -90,7 +110,9 @@ def siamese_views(
 
     Returns:
         ``(real_view (K,B,...), syn_view (K,S or 2S,...))``; with ``ctx.augment`` set, class k's
-        real and synthetic batch get the same operation with the same parameters.
+        real and synthetic batch get the same operation with the same parameters. With
+        ``ctx.shard`` the ``K`` groups are the rank's classes; the parameters are drawn for all
+        classes and the rank's are used.
     """
     if flip:
         from condense.augment.flip import flip_cat_grouped
@@ -104,7 +126,13 @@ def siamese_views(
     # As the reference's siamese mode: ONE transform per class, shared by every image of the
     # class's real and synthetic batch. Batching choice: the op is drawn once per call and shared
     # by all classes (the reference draws one per class); its parameters are drawn per class.
-    params = dsa.sample_per_group(real.shape[0], 1, ctx.generator)
+    shard = ctx.shard
+    if shard is None:
+        params = dsa.sample_per_group(real.shape[0], 1, ctx.generator)
+    else:
+        lo, hi = shard.bounds
+        params = dsa.sample_per_group(shard.num_classes, 1, ctx.generator).map(
+            lambda t: t[lo:hi], num_groups=hi - lo)
     return dsa.apply_grouped(real, params), dsa.apply_grouped(syn, params)
 
 
@@ -226,6 +254,8 @@ class MatchingSynthesizer(ImageOptimizerMixin, Synthesizer):
     def __init__(self, cfg: Any, ctx: SynthContext) -> None:
         type(self).check_config(cfg, ctx.ipc)
         require_augmenter(self.name, cfg.dsa, ctx)
+        if ctx.shard is not None:
+            require_class_parallel(type(self), ctx)
         super().__init__(cfg, ctx)
         self._view_ctx = ctx if cfg.dsa else dataclasses.replace(ctx, augment=None)
         self._warned_batch: set[int] = set()
@@ -272,9 +302,16 @@ class MatchingSynthesizer(ImageOptimizerMixin, Synthesizer):
 
     def real_batch(self, want: int) -> torch.Tensor:
         """``(K, B, C, H, W)`` random real images of every class, ``B = real_batch_size(want)``,
-        drawn from ``ctx.generator``."""
+        drawn from ``ctx.generator`` (with ``ctx.shard``: the rank's ``k`` classes, from the
+        draw of all classes)."""
         ctx = self.ctx
-        return ctx.index.gather(ctx.data.train_images, self.real_batch_size(want), ctx.generator)
+        n = self.real_batch_size(want)
+        if ctx.shard is None:
+            return ctx.index.gather(ctx.data.train_images, n, ctx.generator)
+        lo, hi = ctx.shard.bounds
+        idx = ctx.index.sample(n, ctx.generator)[lo:hi]  # the keys of every class are drawn
+        images = ctx.data.train_images
+        return images[idx.reshape(-1).to(images.device)].reshape(hi - lo, n, *images.shape[1:])
 
     def views(self, syn: SyntheticSet) -> tuple[torch.Tensor, torch.Tensor]:
         """A real batch of every class (``cfg.batch_real`` each) and the per-class synthetic
@@ -283,7 +320,7 @@ class MatchingSynthesizer(ImageOptimizerMixin, Synthesizer):
         Returns:
             ``real (K, B, C, H, W)`` and ``syn (K, S, C, H, W)`` (``S = ipc``, ``2*ipc`` with flip).
         """
-        k = self.ctx.spec.num_classes
+        k = self.ctx.spec.num_classes if self.ctx.shard is None else self.ctx.shard.classes
         real = self.real_batch(self.cfg.batch_real)
         syn_k = syn.images.view(k, -1, *syn.images.shape[1:])
         return siamese_views(self._view_ctx, real, syn_k, flip=self.cfg.flip)

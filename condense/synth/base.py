@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from condense.errors import ConfigError
 from condense.registry import Registry
 from condense.types import RealData, SyntheticSet
 
@@ -43,6 +44,9 @@ class SynthContext:
         model_name / model_kwargs: the matching/feature network (``condense.models`` registry).
         augment: a ``condense.augment.DSA`` or ``None`` (siamese augmentation).
         cache_dir: where cached artefacts (trained feature nets, experts) may be kept.
+        shard: in a class-parallel run (``torchrun``), this rank's classes and the collectives
+            (:class:`condense.distributed.ClassShard`); ``None`` in a one-process run. A method
+            that supports it (``class_parallel``) holds only its rank's classes' images.
     """
 
     data: RealData
@@ -55,6 +59,7 @@ class SynthContext:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     augment: Any = None
     cache_dir: Path | None = None
+    shard: Any = None
 
     @property
     def spec(self):  # noqa: ANN201 - DatasetSpec, avoids an import cycle in type checkers
@@ -85,6 +90,10 @@ class Synthesizer(abc.ABC):
 
     Config: ClassVar[type]
     name: ClassVar[str]
+    #: Whether the method runs class-parallel (``ctx.shard`` set, several ranks under torchrun):
+    #: it then holds its rank's classes only (``init_set``/``step`` on them, random draws as one
+    #: process makes them) and ``step`` returns its rank's SHARES of the metrics (the runner sums them).
+    class_parallel: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, ctx: SynthContext) -> None:
         self.cfg = cfg
@@ -148,6 +157,24 @@ class Synthesizer(abc.ABC):
 
 
 SYNTHESIZERS: Registry[type[Synthesizer]] = Registry("method")
+
+
+def require_class_parallel(cls: type[Synthesizer], ctx: SynthContext | None = None) -> None:
+    """``cls`` may run with ``ctx.shard`` (class-parallel): it supports it, and the context's
+    network has no BatchNorm (:func:`condense.distributed.check_class_parallel`; skipped without
+    ``ctx``).
+
+    Raises:
+        ConfigError: one line naming the method or the network and what to do.
+    """
+    if not cls.class_parallel:
+        ok = ", ".join(n for n in SYNTHESIZERS.names() if SYNTHESIZERS.get(n).class_parallel)
+        raise ConfigError(f"{cls.name} does not run class-parallel (under torchrun with several ranks); "
+                          f"methods that do: {ok}; run {cls.name} with one process")
+    if ctx is not None:
+        from condense.distributed import check_class_parallel
+
+        check_class_parallel(ctx, cls.name)
 
 
 def register_synthesizer(name: str) -> Callable[[type[Synthesizer]], type[Synthesizer]]:

@@ -294,6 +294,7 @@ class DistributionMatching(MatchingSynthesizer):
     """DM: match per-class mean embeddings of real and synthetic images in random networks."""
 
     Config: ClassVar[type] = DMConfig
+    class_parallel: ClassVar[bool] = True
     #: ``lr_img=None`` resolves to 1.0 below this ipc and 10.0 from it on.
     high_ipc: ClassVar[int] = 100
 

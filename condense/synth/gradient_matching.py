@@ -50,7 +50,7 @@ from condense.ops.distances import METRICS, gradient_distance
 from condense.ops.grads import IMPLS, freeze_bn_stats, matching_params, per_class_grads
 from condense.synth._matching import IMAGE_OPTIMIZER_DEFAULTS, INITS, MatchingSynthesizer
 from condense.synth.base import SynthContext, register_synthesizer
-from condense.train import FitConfig, fit
+from condense.train import DataShard, FitConfig, fit
 from condense.types import SyntheticSet
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,9 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _class_labels(k: int, n: int, device: torch.device) -> torch.Tensor:
-    """``(K, n)`` int64, row ``c`` filled with ``c``."""
-    return torch.arange(k, device=device).unsqueeze(1).expand(k, n)
+def _class_labels(k: int, n: int, device: torch.device, first: int = 0) -> torch.Tensor:
+    """``(K, n)`` int64, row ``c`` filled with ``first + c``."""
+    return torch.arange(first, first + k, device=device).unsqueeze(1).expand(k, n)
 
 
 def _train_epochs(
@@ -109,6 +109,7 @@ def _train_epochs(
     augment: Any = None,
     bf16: bool = False,
     micro_batch: int = 0,
+    shard: DataShard | None = None,
 ) -> None:
     """``epochs`` passes of the network's optimizer ``opt`` over ``(images, labels)`` (detached),
     shuffled per epoch: the training engine (:func:`condense.train.fit`) continuing ``opt``.
@@ -120,11 +121,13 @@ def _train_epochs(
         micro_batch: accumulate each batch's gradient over forwards of this many images (same
             gradient; 0 = one forward). Ignored for BatchNorm networks, whose train-mode
             statistics depend on the forward's batch.
+        shard: class-parallel: ``images`` are this rank's rows of the set, the gradients are
+            summed over the ranks (:class:`condense.train.DataShard`).
     """
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, schedule="constant", loss="ce", bf16=bf16,
                     micro_batch=micro_batch)
     fit(model, (images.detach(), labels.detach()), cfg, generators=[generator], augment=augment,
-        optimizer=opt)
+        optimizer=opt, shard=shard)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,6 +216,7 @@ class GradientMatching(MatchingSynthesizer):
     """DC: match per-class weight gradients of real and synthetic batches in training networks."""
 
     Config: ClassVar[type] = GradientMatchingConfig
+    class_parallel: ClassVar[bool] = True
 
     def __init__(self, cfg: GradientMatchingConfig, ctx: SynthContext) -> None:
         if cfg.outer_loop is None or cfg.inner_loop is None:
@@ -291,14 +295,15 @@ class GradientMatching(MatchingSynthesizer):
         cfg = self.cfg
         dev = real.device
         k = real.shape[0]
+        first = 0 if self.ctx.shard is None else self.ctx.shard.lo  # the classes' ids
         chunk = cfg.chunk_classes or None
         micro = self._micro_batch(dev)
         with _autocast(dev, cfg.bf16):
-            g_real = per_class_grads(model, real, _class_labels(k, real.shape[1], dev),
+            g_real = per_class_grads(model, real, _class_labels(k, real.shape[1], dev, first),
                                      create_graph=False, params=params, impl=cfg.grad_impl,
                                      chunk_size=chunk, micro_batch=micro, compile=cfg.compile,
                                      fuse_stem=cfg.fuse_stem)
-            g_syn = per_class_grads(model, syn, _class_labels(k, syn.shape[1], dev),
+            g_syn = per_class_grads(model, syn, _class_labels(k, syn.shape[1], dev, first),
                                     create_graph=True, params=params, impl=cfg.grad_impl,
                                     chunk_size=chunk)
         return gradient_distance(g_real, g_syn, cfg.dis_metric)
@@ -329,7 +334,11 @@ class GradientMatching(MatchingSynthesizer):
         freeze_bn_stats(model, self.real_batch(BN_IMAGES_PER_CLASS).flatten(0, 1))
 
     def train_network(self, model: nn.Module, opt: torch.optim.Optimizer, syn: SyntheticSet) -> None:
-        """``inner_loop`` epochs of SGD on the synthetic set (flipped with FYI, DSA if on)."""
+        """``inner_loop`` epochs of SGD on the synthetic set (flipped with FYI, DSA if on).
+
+        Class-parallel (``ctx.shard``): the set is split over the ranks, each trains on its rows
+        of every batch and the ranks sum their gradients (:class:`condense.train.DataShard`).
+        """
         images, labels = syn.images.detach(), syn.labels
         if self.cfg.flip:
             from condense.augment.flip import flip_cat
@@ -346,7 +355,24 @@ class GradientMatching(MatchingSynthesizer):
             augment=self._aug,
             bf16=self.cfg.bf16,
             micro_batch=self._micro_batch(images.device),
+            shard=self._data_shard(images.device),
         )
+
+    def _data_shard(self, device: torch.device) -> DataShard | None:
+        """The inner loop's :class:`~condense.train.DataShard` of this rank (``None``: one process).
+
+        The one-process set is ``[x; flip(x)]`` with FYI flip: global row ``j`` (``j < N``) is
+        image ``j``, row ``N + j`` its mirror; a rank holds rows ``lo*ipc..hi*ipc`` of each half.
+        """
+        shard = self.ctx.shard
+        if shard is None:
+            return None
+        ipc, total = self.ctx.ipc, self.ctx.spec.num_classes * self.ctx.ipc
+        own = shard.rows(ipc)
+        rows = torch.arange(own.start, own.stop, device=device)
+        if self.cfg.flip:
+            rows, total = torch.cat([rows, rows + total]), 2 * total
+        return DataShard(rows=rows, total=total, reduce=shard.all_reduce_)
 
 
 @register_synthesizer("dsa")

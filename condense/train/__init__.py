@@ -11,6 +11,7 @@ from condense.train.config import (
     make_optimizer,
 )
 from condense.train.engine import (
+    DataShard,
     EpochState,
     FitResult,
     Stack,
@@ -22,6 +23,6 @@ from condense.train.engine import (
     per_model_loss,
 )
 
-__all__ = ["LOSSES", "OPTIMIZERS", "SAMS", "SCHEDULES", "EpochState", "FitConfig", "FitResult", "Stack",
-           "TrainCallback", "accuracy", "fit", "has_batchnorm", "input_grad_penalty", "loss_scale", "lr_at",
-           "make_optimizer", "per_model_loss"]
+__all__ = ["LOSSES", "OPTIMIZERS", "SAMS", "SCHEDULES", "DataShard", "EpochState", "FitConfig", "FitResult",
+           "Stack", "TrainCallback", "accuracy", "fit", "has_batchnorm", "input_grad_penalty", "loss_scale",
+           "lr_at", "make_optimizer", "per_model_loss"]

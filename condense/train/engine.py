@@ -11,6 +11,11 @@ Otherwise each model has its own optimizer and the models take turns epoch by ep
 numbers as training them one after another). Each model owns a generator (initialisation through
 a factory, shuffling, augmentation), so both paths give the same models for the same seeds, and
 the returned modules always hold the trained weights.
+
+Data-parallel (:class:`DataShard`): several processes train ONE model on a data set split
+between them (the DC/DSA inner loop of a class-parallel run); each draws what one process draws
+for the whole set, trains on the batch members it holds, and the gradients are summed across
+the processes before every step.
 """
 
 from __future__ import annotations
@@ -182,6 +187,27 @@ class EpochState:
                 "history": copy.deepcopy(self.history)}
 
 
+@dataclass(frozen=True)
+class DataShard:
+    """This process's part of a data-parallel :func:`fit` of ONE model over ``total`` rows.
+
+    Every process draws what a one-process fit over all ``total`` rows draws (the epoch's
+    shuffle, the augmentation parameters of every batch member), keeps the batch members it
+    holds, weights their loss by ``1 / batch size`` of the WHOLE batch, and ``reduce`` sums the
+    processes' gradients before each optimizer step. The steps are those of one process up to the
+    order of float sums; the models stay identical on every process.
+
+    Attributes:
+        rows: ``(n,)`` int64: the global row of each row of the ``images`` passed to :func:`fit`.
+        total: rows of the whole data set (over all processes).
+        reduce: sums a list of gradient tensors over the processes, in place.
+    """
+
+    rows: Tensor
+    total: int
+    reduce: Callable[[list[Tensor]], None]
+
+
 @dataclass
 class FitResult:
     """Trained modules and one history entry per epoch ``{"epoch", "loss": [per model], "lr"}``."""
@@ -234,6 +260,7 @@ def fit(
     vectorize: bool = False,
     optimizer: torch.optim.Optimizer | None = None,
     resume: dict[str, Any] | None = None,
+    shard: DataShard | None = None,
 ) -> FitResult:
     """Train one or K models.
 
@@ -255,6 +282,9 @@ def fit(
             under a constant schedule without warm-up.
         resume: a :meth:`EpochState.checkpoint`: continue after its epoch (same bytes as an
             uninterrupted run of the same call).
+        shard: train one model data-parallel with other processes (:class:`DataShard`); ``data``
+            are this process's rows, ``augment`` must have ``sample(n, generator, device)`` and
+            ``apply(x, params)`` (a DSA); the history's losses are this process's shares.
 
     Returns:
         :class:`FitResult` with the trained modules (``.models``) and the per-epoch history.
@@ -269,6 +299,8 @@ def fit(
         raise ConfigError("fit: an iterable of batches trains one model; pass tensors for several")
     if optimizer is not None and len(mods) != 1:
         raise ConfigError("fit: optimizer= continues one model's training; got several models")
+    if shard is not None:
+        _check_shard(shard, mods, data, tensors, cfg, augment, targets_fn)
     vec = vectorize and tensors and optimizer is None and not any(has_batchnorm(m) for m in mods)
     stack = Stack(mods, vec)
     groups = [stack] if stack.vectorized else [Stack([m], False) for m in mods]
@@ -277,7 +309,7 @@ def fit(
     keep_lr = optimizer is not None and cfg.schedule == "constant" and cfg.warmup_epochs == 0
     if tensors:
         images, targets = data
-        n = int(images.shape[0])
+        n = int(images.shape[0]) if shard is None else int(shard.total)
         bs = min(cfg.batch_size, n)
         steps = math.ceil(n / bs)
         device = images.device
@@ -308,7 +340,10 @@ def fit(
         losses: list[float] = []
         for group, ggens, opt in zip(groups, group_gens, opts, strict=True):
             group.train(True)
-            if tensors:
+            if shard is not None:
+                total = _epoch_shard(group, ggens[0], opt, images, targets, cfg, ep, steps, bs, device,
+                                     augment, loss_fn, keep_lr, no_micro, shard)
+            elif tensors:
                 total = _epoch_tensors(group, ggens, opt, images, targets, cfg, ep, steps, bs, device,
                                        augment, targets_fn, loss_fn, keep_lr, no_micro)
             else:
@@ -351,22 +386,27 @@ def input_grad_penalty(group: Stack, x: Tensor, device: torch.device, bf16: bool
 
 
 def _grads(group: Stack, x: Tensor, t: Tensor, cfg: FitConfig, loss_fn: LossFn | None, micro: int,
-           device: torch.device, scale: float, x_raw: Tensor | None) -> Tensor:
-    """Accumulate the batch objective's gradient into ``.grad``; return the ``(K,)`` losses (detached)."""
+           device: torch.device, scale: float, x_raw: Tensor | None, whole: int | None = None) -> Tensor:
+    """Accumulate the batch objective's gradient into ``.grad``; return the ``(K,)`` losses (detached).
+
+    ``whole``: the batch ``x`` is part of a batch of this many images (data-parallel), whose
+    mean loss the gradient is of; ``None``: ``x`` is the whole batch.
+    """
     b = x.shape[1]
     chunk = micro if 0 < micro < b else b
+    denom = b if whole is None else whole
     out = torch.zeros(x.shape[0], device=device, dtype=torch.float64)
     for s in range(0, b, chunk):
         with _autocast(device, cfg.bf16):
             logits = group.forward(x[:, s:s + chunk])
         loss = per_model_loss(logits, t[:, s:s + chunk], cfg, loss_fn)
-        if chunk < b:
-            loss = loss * (min(chunk, b - s) / b)
+        if chunk < b or whole is not None:
+            loss = loss * (min(chunk, b - s) / denom)
         objective = loss * scale if scale != 1.0 else loss
         if cfg.input_grad_penalty > 0:
             raw = x if x_raw is None else x_raw
             pen = input_grad_penalty(group, raw[:, s:s + chunk], device, cfg.bf16)
-            objective = objective + cfg.input_grad_penalty * pen * (min(chunk, b - s) / b)
+            objective = objective + cfg.input_grad_penalty * pen * (min(chunk, b - s) / denom)
         objective.sum().backward()
         out += loss.detach().double()
     return out
@@ -425,6 +465,72 @@ def _epoch_tensors(group: Stack, gens: list[torch.Generator], opt: torch.optim.O
         if targets_fn is not None:
             t = torch.stack([targets_fn(x[i], t[i]) for i in range(len(gens))])
         total += _step(group, opt, x, t, cfg, loss_fn, micro, device, loss_scale(cfg, ep), raw)
+    return (total / steps).tolist()
+
+
+def _check_shard(shard: DataShard, mods: list[nn.Module], data: Any, tensors: bool, cfg: FitConfig,
+                 augment: Augment | None, targets_fn: TargetsFn | None) -> None:
+    if len(mods) != 1 or not tensors:
+        raise ConfigError("fit: shard= trains ONE model on tensors (images, targets) data-parallel; "
+                          f"got {len(mods)} models{'' if tensors else ' and an iterable of batches'}")
+    if int(data[0].shape[0]) != shard.rows.numel():
+        raise ConfigError(f"fit: shard.rows names {shard.rows.numel()} rows but the images have "
+                          f"{int(data[0].shape[0])}; pass this process's rows, one per image")
+    if has_batchnorm(mods[0]):
+        raise ConfigError("fit: shard= needs a network without BatchNorm (its batch statistics would be "
+                          "per process); use a per-image norm")
+    if cfg.sam != "none" or targets_fn is not None:
+        raise ConfigError("fit: shard= does not support sam / targets_fn (valid: sam='none', no targets_fn)")
+    if augment is not None and not (hasattr(augment, "sample") and hasattr(augment, "apply")):
+        raise ConfigError("fit: shard= needs an augmenter with sample(n, generator, device) and apply(x, params) "
+                          "(condense.augment.DSA) to draw the whole batch's parameters")
+    if shard.rows.dim() != 1 or not 0 <= shard.rows.numel() <= shard.total:
+        raise ConfigError(f"fit: shard.rows must be 1-D with at most total={shard.total} rows, "
+                          f"got shape {tuple(shard.rows.shape)}")
+
+
+def _augment_part(augment: Any, x: Tensor, n: int, pos: Tensor, gen: torch.Generator) -> Tensor:
+    """What ``augment(batch, gen)`` does to the rows ``pos`` of an ``n``-image batch, applied to
+    those rows ``x`` only (draws the parameters of all ``n``, as that call does)."""
+    params = augment.sample(n, gen, device=x.device)
+    if pos.numel() == 0:
+        return x
+    return augment.apply(x, params.map(lambda t: t.index_select(0, pos), n=int(pos.numel())))
+
+
+def _epoch_shard(group: Stack, gen: torch.Generator, opt: torch.optim.Optimizer, images: Tensor,
+                 targets: Tensor, cfg: FitConfig, ep: int, steps: int, bs: int, device: torch.device,
+                 augment: Augment | None, loss_fn: LossFn | None, keep_lr: bool, no_micro: bool,
+                 shard: DataShard) -> list[float]:
+    """One data-parallel epoch (:class:`DataShard`): :func:`_epoch_tensors`' draws and steps,
+    with this process's batch members and the gradients summed over the processes."""
+    perm = torch.randperm(shard.total, generator=gen, device=gen.device).to(device)
+    local = torch.full((shard.total,), -1, dtype=torch.long, device=device)
+    local[shard.rows.to(device)] = torch.arange(shard.rows.numel(), device=device)
+    params = group.parameters()
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    micro = 0 if no_micro else cfg.micro_batch
+    for s in range(steps):
+        if not keep_lr:
+            _set_lr(opt, lr_at(cfg, ep, s, steps))
+        idx = perm[s * bs:(s + 1) * bs]
+        loc = local[idx]
+        pos = (loc >= 0).nonzero().squeeze(1)
+        rows = loc.index_select(0, pos)
+        x = raw = images[rows]
+        if augment is not None:
+            x = _augment_part(augment, x, int(idx.numel()), pos, gen)
+        opt.zero_grad(set_to_none=True)
+        if rows.numel():
+            total += _grads(group, x.unsqueeze(0), targets[rows].unsqueeze(0), cfg, loss_fn, micro, device,
+                            loss_scale(cfg, ep), raw.unsqueeze(0), whole=int(idx.numel()))
+        grads = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        shard.reduce(grads)
+        opt.step()
     return (total / steps).tolist()
 
 
