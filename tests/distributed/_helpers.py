@@ -3,7 +3,6 @@ a free port, N ranks of the ``condense`` CLI with torchrun's environment variabl
 
 from __future__ import annotations
 
-import gzip
 import os
 import socket
 import subprocess
@@ -11,32 +10,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+from tests.fabricated import fabricate_fashion_mnist  # noqa: F401  (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CONDENSE = [sys.executable, "-c", "from condense.cli.main import main; main()"]
-
-
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes()
-    with gzip.open(str(path) + ".gz", "wb") as fh:
-        fh.write(header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
-
-
-def fabricate_fashion_mnist(folder: Path, per_class: int = 40, test_per_class: int = 4) -> Path:
-    """The four IDX files of Fashion-MNIST, tiny: noise plus a bright square per class."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", per_class), ("t10k", test_per_class)):
-        y = np.repeat(np.arange(10), n).astype(np.uint8)
-        x = rng.integers(0, 80, size=(len(y), 28, 28), dtype=np.uint8)
-        for i, c in enumerate(y):
-            r = 2 * int(c)
-            x[i, r:r + 6, r:r + 6] = 255
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte", x)
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", y)
-    return folder
 
 
 def free_port() -> int:

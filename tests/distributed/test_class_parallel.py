@@ -128,25 +128,33 @@ def test_a_one_process_resume_refuses_rank_checkpoints(tmp_path, tiny_data):
         run(synth, RunConfig(run_dir=tmp_path, resume=True, progress=False))
 
 
-def test_the_tasks_of_a_submitit_slurm_job_are_the_ranks(monkeypatch):
+def test_the_tasks_of_a_submitit_slurm_job_are_the_ranks():
     """``hydra/launcher=slurm hydra.launcher.tasks_per_node=2``: each task reads SLURM's variables."""
-    from condense.distributed import env_world
-
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)  # restored (removed) after the test
-    assert env_world() == World()
-    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
-             "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "1"}
-    for key, value in slurm.items():
-        monkeypatch.setenv(key, value)
-    assert env_world() == World(rank=1, size=2, local_rank=1)
     import os
 
-    assert os.environ["MASTER_ADDR"] == "gpu07" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
-    monkeypatch.setenv("SLURM_NTASKS", "1")
-    for key in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key)
-    assert env_world() == World()  # one task: a plain run
+    from condense.distributed import env_world
+
+    # env_world() exports torchrun's variables into os.environ itself (submitit's helper): restore
+    # the whole environment afterwards, or later in-process runs of this session would wait for a
+    # second rank (monkeypatch alone would restore what it saw, e.g. RANK=1, on teardown)
+    saved = dict(os.environ)
+    try:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
+        assert env_world() == World()
+        os.environ.update({"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
+                           "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",
+                           "SLURM_JOB_NUM_NODES": "1"})
+        assert env_world() == World(rank=1, size=2, local_rank=1)
+        assert os.environ["MASTER_ADDR"] == "gpu07" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+        os.environ["SLURM_NTASKS"] = "1"
+        for key in ("RANK", "WORLD_SIZE"):
+            del os.environ[key]
+        assert env_world() == World()  # one task: a plain run
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert "RANK" not in os.environ or os.environ.get("RANK") == saved.get("RANK")
 
 
 # ----------------------------------------------------------------------------- 2 gloo processes

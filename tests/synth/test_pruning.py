@@ -6,11 +6,9 @@ format."""
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,6 +40,7 @@ from condense.synth.pruning import (
 )
 from condense.train import FitConfig, fit
 from tests.conftest import make_ctx, make_tiny_data
+from tests.fabricated import fabricate_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = {"grand": (GraNd, GraNdConfig), "el2n": (EL2N, EL2NConfig), "forgetting": (Forgetting, ForgettingConfig)}
@@ -302,29 +301,9 @@ def test_budgets_keep_the_published_settings_for_paper(name: str) -> None:
 # ----------------------------------------------------------------------------- end to end
 
 
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes()
-    with gzip.open(str(path) + ".gz", "wb") as fh:
-        fh.write(header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
-
-
-def _fabricate_fashion_mnist(folder: Path, per_class: int = 12, test_per_class: int = 3) -> None:
-    """The 4 IDX files: noise plus a bright square at a class-specific place."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", per_class), ("t10k", test_per_class)):
-        y = np.repeat(np.arange(10), n).astype(np.uint8)
-        x = rng.integers(0, 80, size=(len(y), 28, 28), dtype=np.uint8)
-        for i, c in enumerate(y):
-            r = 2 * int(c)
-            x[i, r:r + 6, r:r + 6] = 255
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte", x)
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", y)
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_smoke_run_on_fabricated_fashion_mnist(tmp_path: Path, name: str) -> None:
-    _fabricate_fashion_mnist(tmp_path / "fm")
+    fabricate_fashion_mnist(tmp_path / "fm", per_class=12, test_per_class=3)
     res = condense.distil(method=name, dataset="fashion_mnist", ipc=2, budget="smoke", run_dir=tmp_path / "run",
                           cache_dir=str(tmp_path / "cache"), progress=False, evaluate=True,
                           **{"dataset.root": str(tmp_path / "fm"), "model.kwargs.width": 8})
