@@ -10,10 +10,16 @@ the layer learned on the real data::
 ``bn.loss()`` returns ``sum_l m_l term_l`` with ``m_1 = first_weight`` (SRe2L's 10 for the first
 BatchNorm, in forward order) and 1 for the others, and clears the record for the next forward.
 The hooks are removed when the block exits, also when it exits with an exception.
+
+Split batches (a class-parallel run, :mod:`condense.distributed`): with ``reduce`` (an in-place
+sum over the processes) the statistics are those of the union of every process's images, from
+summed per-channel sums and sums of squares; each process's images get the exact gradient of
+that loss (the other processes' parts enter as constants).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 
 import torch
@@ -38,25 +44,32 @@ class BNStatLoss:
         model: the teacher (usually in eval mode: it normalizes with its running statistics,
             while the hooks read the batch's own statistics).
         first_weight: ``m_1``, the weight of the first layer (in forward order).
+        reduce: sums a tensor over the processes in place (e.g. ``ClassShard.all_reduce_`` on a
+            list of one); ``None`` = the batch is whole here.
 
     Raises:
         ValueError: ``model`` has no BatchNorm layer with running statistics.
     """
 
-    def __init__(self, model: nn.Module, first_weight: float = FIRST_BN_WEIGHT) -> None:
+    def __init__(self, model: nn.Module, first_weight: float = FIRST_BN_WEIGHT, *,
+                 reduce: Callable[[Tensor], None] | None = None) -> None:
         self.layers = batchnorm_layers(model)
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no BatchNorm layer with running statistics; "
                              "BN statistic matching needs a BatchNorm teacher (e.g. convnet_bn, resnet18_bn)")
         self.first_weight = float(first_weight)
+        self.reduce = reduce
         self._handles: list[RemovableHandle] = []
         self._terms: list[Tensor] = []
 
     def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         x = inputs[0].float()
         dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dims)
-        var = x.var(dims, unbiased=False)
+        if self.reduce is None:
+            mean = x.mean(dims)
+            var = x.var(dims, unbiased=False)
+        else:
+            mean, var = _split_stats(x, dims, self.reduce)
         rm = module.running_mean.float()  # type: ignore[union-attr]
         rv = module.running_var.float()  # type: ignore[union-attr]
         self._terms.append(torch.linalg.vector_norm(mean - rm) + torch.linalg.vector_norm(var - rv))
@@ -97,3 +110,17 @@ class BNStatLoss:
             total = total + t
         self._terms = []
         return total
+
+
+def _split_stats(x: Tensor, dims: list[int], reduce: Callable[[Tensor], None]) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over every process's rows: ``E[x]`` and ``E[x^2] - E[x]^2`` from
+    the summed sums, this process's part kept in the autograd graph."""
+    local = torch.stack([x.sum(dims), (x * x).sum(dims)])
+    total = local.detach().clone()
+    count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
+    reduce(total)
+    reduce(count)
+    sums = local + (total - local.detach())
+    n = float(count.item())
+    mean = sums[0] / n
+    return mean, sums[1] / n - mean * mean

@@ -20,6 +20,11 @@ relabels every augmented batch (``eval=soft``; METHODS.md, "Teacher-based recove
 - ``rded`` (Sun et al. 2024): no optimization. Per class, random resized crops of real images are
   scored by the teacher (cross-entropy to the class); each image keeps its best crop, the
   ``ipc * factor^2`` best images are kept and stitched ``factor x factor`` into the stored images.
+
+All four run class-parallel under ``torchrun`` (:mod:`condense.distributed`): each rank holds its
+classes' images and draws every random number one process draws (crops and flips for the whole
+group, then its rows); the recovery's BatchNorm statistics are those of the whole group, summed
+over the ranks (:class:`~condense.ops.bn_stats.BNStatLoss` with ``reduce``).
 """
 
 from __future__ import annotations
@@ -179,7 +184,7 @@ class RecoveryConfig(TeacherSetup):
     flip: bool = False
     curriculum: str = "none"
     milestone: float = 1.0
-    batch_ipc: int = 0
+    batch_ipc: int = 10
     init: str = "noise"
     voters: int = 0  # 0 = every teacher each step
     vote_temperature: float = 5.0
@@ -190,6 +195,7 @@ class SRe2L(TeacherMixin, ImageOptimizerMixin, Synthesizer):
     """Recover images from BatchNorm teachers (see the module doc)."""
 
     Config: ClassVar[type] = RecoveryConfig
+    class_parallel: ClassVar[bool] = True
 
     def __init__(self, cfg: Any, ctx: SynthContext) -> None:
         type(self).check_config(cfg, ctx.ipc)
@@ -234,12 +240,23 @@ class SRe2L(TeacherMixin, ImageOptimizerMixin, Synthesizer):
                                   total_steps=cfg.iterations)
         return syn
 
+    def _per_group(self) -> int:
+        ipc = self.ctx.ipc
+        return ipc if int(self.cfg.batch_ipc) == 0 else min(int(self.cfg.batch_ipc), ipc)
+
     def groups(self) -> list[Tensor]:
-        """Row indices of each recovery group: ``batch_ipc`` images of every class."""
-        k, ipc = self.ctx.spec.num_classes, self.ctx.ipc
-        per = ipc if int(self.cfg.batch_ipc) in (0,) else min(int(self.cfg.batch_ipc), ipc)
+        """Row indices (into the held images) of each recovery group: ``batch_ipc`` images of
+        every class (with ``ctx.shard``: of the rank's classes)."""
+        ipc, per = self.ctx.ipc, self._per_group()
+        k = self.ctx.spec.num_classes if self.ctx.shard is None else self.ctx.shard.classes
         rows = torch.arange(k * ipc, device=self.ctx.device).view(k, ipc)
         return [rows[:, j:j + per].reshape(-1) for j in range(0, ipc, per)]
+
+    def _group_span(self, rows: Tensor) -> tuple[int, int]:
+        """``(images of the whole group over all ranks, offset of the held rows in it)``."""
+        per = rows.numel() // (self.ctx.spec.num_classes if self.ctx.shard is None else self.ctx.shard.classes)
+        lo = 0 if self.ctx.shard is None else self.ctx.shard.lo
+        return self.ctx.spec.num_classes * per, lo * per
 
     def min_scale(self, it: int) -> float:
         """The crop scale's lower bound at iteration ``it``."""
@@ -248,16 +265,28 @@ class SRe2L(TeacherMixin, ImageOptimizerMixin, Synthesizer):
         return curriculum_min_scale(self.cfg.curriculum, it, self.cfg.iterations, self.cfg.milestone,
                                     floor=float(self.cfg.crop_scale[0]))
 
-    def augment(self, x: Tensor, it: int, gen: torch.Generator) -> Tensor:
-        """Crop (with the curriculum's scale) and flip if asked, then the jitter roll."""
+    def augment(self, x: Tensor, it: int, gen: torch.Generator, span: tuple[int, int] | None = None) -> Tensor:
+        """Crop (with the curriculum's scale) and flip if asked, then the jitter roll.
+
+        ``span``: ``(n, offset)``: ``x`` is rows ``offset..offset + len(x)`` of a batch of ``n``
+        (class-parallel): the draws are made for all ``n`` and the held rows' are used.
+        """
         cfg, (h, w) = self.cfg, x.shape[-2:]
+        n, off = span if span is not None else (x.shape[0], 0)
+        rows = slice(off, off + x.shape[0])
         if cfg.crop:
             scale = (min(self.min_scale(it), float(cfg.crop_scale[1])), float(cfg.crop_scale[1]))
-            boxes = crops.sample_resized_crops(x.shape[0], h, w, scale=scale, generator=gen, device=x.device)
-            x = crops.resized_crop(x, boxes)
+            boxes = crops.sample_resized_crops(n, h, w, scale=scale, generator=gen, device=x.device)
+            x = crops.resized_crop(x, boxes[rows])
         if cfg.flip:
-            x = crops.flip(x, crops.sample_flips(x.shape[0], generator=gen, device=x.device))
+            x = crops.flip(x, crops.sample_flips(n, generator=gen, device=x.device)[rows])
         return crops.random_shift(x, int(cfg.jitter), generator=gen)
+
+    def _reduce(self) -> Any:
+        shard = self.ctx.shard
+        if shard is None:
+            return None
+        return lambda t: shard.all_reduce_([t], "the sum of the BatchNorm statistics")
 
     def voters(self) -> list[int]:
         """The teachers of this step (all, or ``voters`` drawn without replacement)."""
@@ -278,14 +307,17 @@ class SRe2L(TeacherMixin, ImageOptimizerMixin, Synthesizer):
         self.opt.zero_grad(set_to_none=True)
         ce_sum, bn_sum = 0.0, 0.0
         gen = derive_generator(self.ctx.generator, self.ctx.device)
-        for rows in self.groups():
-            x = self.augment(syn.images[rows], it, gen)
+        groups = self.groups()
+        for rows in groups:
+            total, offset = self._group_span(rows)
+            x = self.augment(syn.images[rows], it, gen, (total, offset))
             y = syn.labels[rows]
             loss = x.new_zeros(())
             for i, w in zip(chosen, weights, strict=True):
-                with BNStatLoss(self.nets[i], cfg.first_bn_weight) as bn, self._autocast():
+                with BNStatLoss(self.nets[i], cfg.first_bn_weight, reduce=self._reduce()) as bn, self._autocast():
                     logits = self.nets[i](x)
-                    ce = F.cross_entropy(logits.float(), y)
+                    # the group's mean (over all ranks' rows): this rank's share of the sum
+                    ce = F.cross_entropy(logits.float(), y, reduction="sum") / total
                     reg = bn.loss()
                 loss = loss + w * (ce + cfg.r_bn * reg)
                 ce_sum += w * float(ce.detach())
@@ -295,9 +327,12 @@ class SRe2L(TeacherMixin, ImageOptimizerMixin, Synthesizer):
         self.step_image_schedule()
         with torch.no_grad():
             syn.images.copy_(torch.maximum(torch.minimum(syn.images, self._hi), self._lo))
-        n = len(self.groups())
-        return {"loss": (ce_sum + cfg.r_bn * bn_sum) / n, "ce": ce_sum / n, "bn": bn_sum / n,
-                "lr": float(self.opt.param_groups[0]["lr"]), "min_scale": self.min_scale(it)}
+        n = len(groups)
+        ranks = 1 if self.ctx.shard is None else self.ctx.shard.world_size
+        # the runner sums class-parallel metrics over the ranks: shares of the global values
+        ce_m, bn_m = ce_sum / n, bn_sum / n / ranks
+        return {"loss": ce_m + cfg.r_bn * bn_m, "ce": ce_m, "bn": bn_m,
+                "lr": float(self.opt.param_groups[0]["lr"]) / ranks, "min_scale": self.min_scale(it) / ranks}
 
     def finalize(self, syn: SyntheticSet) -> SyntheticSet:
         self._ensure_prepared()
@@ -377,6 +412,7 @@ class RDED(TeacherMixin, Synthesizer):
     """Select the teacher's most confident real crops and stitch them (see the module doc)."""
 
     Config: ClassVar[type] = RDEDConfig
+    class_parallel: ClassVar[bool] = True
 
     def __init__(self, cfg: Any, ctx: SynthContext) -> None:
         type(self).check_config(cfg, ctx.ipc)
@@ -427,11 +463,15 @@ class RDED(TeacherMixin, Synthesizer):
         images = ctx.data.train_images
         out, scores_kept = [], []
         m = int(cfg.crops_per_image)
+        lo, hi = (0, k) if ctx.shard is None else ctx.shard.bounds
         for c in range(k):
+            # every class's crops are drawn (the generator stays in step with one process's)
+            boxes = crops.sample_resized_crops(n_cand * m, h, w, scale=tuple(cfg.crop_scale), generator=gen,
+                                               device=ctx.device)
+            if not lo <= c < hi:
+                continue
             real = images[idx[c].to(images.device)]  # (n, C, H, W)
             rep = real.repeat_interleave(m, 0)
-            boxes = crops.sample_resized_crops(rep.shape[0], h, w, scale=tuple(cfg.crop_scale), generator=gen,
-                                               device=ctx.device)
             cand = crops.resized_crop(rep, boxes)  # scored at full size
             y = torch.full((cand.shape[0],), c, device=ctx.device, dtype=torch.long)
             score = self._scores(cand, y).view(-1, m)
@@ -444,6 +484,9 @@ class RDED(TeacherMixin, Synthesizer):
             out.append(_stitch(chosen, ipc, f))
             scores_kept.append(per_img[keep].mean().item())
         syn = new_synthetic_set(ctx, torch.cat(out), self.name, self.config_dict())
+        if ctx.shard is not None:
+            parts = ctx.shard.all_gather_object(scores_kept, "the gather of the crop scores")
+            scores_kept = [v for part in parts for v in part]
         syn.meta.extra["rded_mean_ce"] = [round(s, 5) for s in scores_kept]
         return self.attach_teachers(syn)
 

@@ -80,3 +80,35 @@ def test_errors() -> None:
     with BNStatLoss(net) as bn, pytest.raises(RuntimeError, match="no BatchNorm layer ran"):
         bn.loss()
     assert len(batchnorm_layers(net)) == 3
+
+
+def test_split_batches_give_the_whole_batch_loss_and_gradients() -> None:
+    """Two halves with ``reduce`` adding the other half's sums = the whole batch (class-parallel)."""
+    net = _net().double()
+    x = torch.randn(8, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    with BNStatLoss(net) as bn:
+        net(x)
+        whole = bn.loss()
+    whole.backward()
+    recorded: list[torch.Tensor] = []
+
+    def record(t: torch.Tensor) -> None:  # "process" B: its sums, in call order
+        recorded.append(t.clone())
+
+    with BNStatLoss(net, reduce=record) as bn:
+        net(x[4:].detach())
+        bn.loss()
+    other = iter(recorded)
+
+    def add_other(t: torch.Tensor) -> None:  # "process" A: the all-reduce = A's + B's
+        t.add_(next(other).to(t.dtype))
+
+    a = x[:4].detach().clone().requires_grad_(True)
+    with BNStatLoss(net, reduce=add_other) as bn:
+        net(a)
+        split = bn.loss()
+    split.backward()
+    assert torch.allclose(split, whole, rtol=1e-10)
+    # E[x^2] - E[x]^2 loses digits to cancellation that the two-pass variance keeps (measured
+    # here: 6e-9 against gradients of 0.15 in float64)
+    assert torch.allclose(a.grad, x.grad[:4], rtol=0, atol=1e-6 * x.grad.abs().max().item())
