@@ -5,6 +5,10 @@ A run directory holds:
 - ``synset.safetensors``: ``images`` (N,C,H,W) float32 normalized, ``labels`` (N,) int64 or
   (N,K) float32, optional ``lr`` (0-d), optional ``zca_matrix`` (D,D).
 - ``preview.png``: denormalized grid, one row per class.
+- ``labels.safetensors`` (optional): stored soft labels of the soft-label evaluation protocol
+  (:mod:`condense.eval.soft`): ``values`` (epochs, N, k) float16 teacher logits in batch order and,
+  when k is less than the classes, ``indices`` (epochs, N, k) of their classes; the crops are not
+  stored but replayed from the seed in the manifest's ``soft_labels.protocol``.
 - ``manifest.json``: schema_version, dataset spec with normalization, ipc, class order, method and
   its resolved config, seed, code version, creation time, SHA-256 and size of every file, total
   storage bytes. Written LAST, so a crash never leaves a manifest that vouches for half a set.
@@ -45,6 +49,10 @@ SYNSET = "synset.safetensors"
 MANIFEST = "manifest.json"
 PREVIEW = "preview.png"
 PREVIEW_MAX_PER_CLASS = 10
+LABELS = "labels.safetensors"
+LABELS_FORMAT = "condense.soft-labels"
+#: safetensors dtype of the stored class indices by torch dtype (the smallest that holds them).
+INDEX_DTYPES = {torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32"}
 
 
 def _sha256(data: bytes) -> str:
@@ -275,10 +283,12 @@ def _manifest_files(m: dict[str, Any], where: Path) -> dict[str, dict[str, Any]]
     files = m["files"]
     if not isinstance(files, dict) or SYNSET not in files:
         raise ArtifactError(f"{where} lists no {SYNSET} under files; the manifest was edited or corrupted")
+    known = (SYNSET, PREVIEW, LABELS) if "soft_labels" in m else (SYNSET, PREVIEW)
     for name, entry in files.items():
-        if name not in (SYNSET, PREVIEW):
+        if name not in known:
             raise ArtifactError(f"{where} lists an unknown file {_line(repr(name))[:60]}; an artifact holds "
-                                f"{SYNSET} and {PREVIEW}")
+                                f"{SYNSET}, {PREVIEW}" + (f" and {LABELS}" if "soft_labels" in m else "")
+                                + (" (a soft_labels entry names it)" if name == LABELS else ""))
         if not (isinstance(entry, dict) and _is_int(entry.get("bytes")) and isinstance(entry.get("sha256"), str)
                 and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
             raise ArtifactError(f"{where} files.{name} is not {{sha256: 64 hex digits, bytes: integer}}; "
@@ -438,6 +448,9 @@ def load_synset(run_dir: str | Path, device: torch.device | str = "cpu") -> Synt
     if PREVIEW in files:
         _check_preview_size(files[PREVIEW]["bytes"], meta, where)
         _verify_streamed(run_dir, PREVIEW, files[PREVIEW])
+    if "soft_labels" in manifest:
+        _expected_labels(manifest, meta, files, where)
+        _verify_streamed(run_dir, LABELS, files[LABELS])
     blob = _verified_bytes(run_dir, SYNSET, files[SYNSET])
     _check_header(blob, expected, run_dir / SYNSET)
     try:
@@ -460,6 +473,131 @@ def load_synset(run_dir: str | Path, device: torch.device | str = "cpu") -> Synt
     )
     _check_shapes(syn)
     return syn
+
+
+# ----------------------------------------------------------------------------- stored soft labels
+
+def labels_blob(values: torch.Tensor, indices: torch.Tensor | None) -> bytes:
+    """The ``labels.safetensors`` bytes of stored labels (same tensors -> same bytes).
+
+    Args:
+        values: ``(epochs, N, k)`` float16 logits.
+        indices: ``(epochs, N, k)`` uint8 / int16 / int32 class indices, or ``None`` (k = all classes).
+    """
+    tensors = {"values": values.detach().to("cpu", torch.float16).contiguous()}
+    if indices is not None:
+        if indices.dtype not in INDEX_DTYPES:
+            raise ArtifactError(f"label indices must be one of {', '.join(map(str, INDEX_DTYPES))}, got {indices.dtype}")
+        tensors["indices"] = indices.detach().cpu().contiguous()
+    return st_save(tensors, metadata={"format": f"{LABELS_FORMAT};schema_version={SCHEMA_VERSION}"})
+
+
+def _index_dtype_name(classes: int) -> str:
+    return "U8" if classes <= 256 else "I16" if classes <= 32768 else "I32"
+
+
+def _expected_labels(m: dict[str, Any], meta: SetMeta, files: dict[str, dict[str, Any]],
+                     where: Path) -> dict[str, tuple[str, list[int]]]:
+    """The tensors ``labels.safetensors`` must hold, from the manifest's ``soft_labels`` entry,
+    after checking that entry (its protocol's counts against the set) and the file's declared size."""
+    entry = m.get("soft_labels")
+    proto = entry.get("protocol") if isinstance(entry, dict) else None
+    if not isinstance(proto, dict) or entry.get("file") != LABELS or LABELS not in files:
+        raise _bad(where, "soft_labels", entry, f"{{file: {LABELS!r} (listed under files), protocol: {{...}}}}")
+    classes, n = meta.dataset.num_classes, meta.dataset.num_classes * meta.ipc
+    epochs, k = proto.get("epochs"), proto.get("top_k")
+    if not (_is_int(epochs, 1) and _is_int(k, 1) and k <= classes and proto.get("num_images") == n
+            and proto.get("num_classes") == classes):
+        raise _bad(where, "soft_labels.protocol", {key: proto.get(key) for key in ("epochs", "top_k", "num_images",
+                                                                                   "num_classes")},
+                   f"epochs >= 1, 1 <= top_k <= {classes}, num_images {n}, num_classes {classes}")
+    shape = [epochs, n, k]
+    out = {"values": ("F16", shape)}
+    if k < classes:
+        out["indices"] = (_index_dtype_name(classes), shape)
+    size = {"F16": 2, "U8": 1, "I16": 2, "I32": 4}
+    low = 8 + sum(size[d] * math.prod(s) for d, s in out.values())
+    declared = files[LABELS]["bytes"]
+    if not low <= declared <= low + MAX_HEADER_BYTES:
+        raise ArtifactError(f"{where} declares {declared} bytes for {LABELS}, but the labels it describes take "
+                            f"{low} to {low + MAX_HEADER_BYTES}; the manifest was edited or corrupted")
+    return out
+
+
+def save_labels(run_dir: str | Path, blob: bytes, protocol: dict[str, Any]) -> Path:
+    """Store soft labels (:func:`labels_blob` bytes) in the artifact ``run_dir``: the file first,
+    then the manifest (atomically) with its checksum, size and ``soft_labels.protocol``.
+
+    Replaces stored labels the artifact already has. The manifest is checked first (as
+    :func:`load_synset` does), so labels are never attached to a corrupted artifact.
+
+    Returns:
+        The labels file's path.
+
+    Raises:
+        ArtifactError: ``run_dir`` is not a valid artifact, or ``blob`` does not fit its protocol.
+    """
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    where = run_dir / MANIFEST
+    meta, _ = _manifest_meta(manifest, where)
+    files = dict(_manifest_files(manifest, where))
+    files[LABELS] = {"sha256": _sha256(blob), "bytes": len(blob)}
+    new = {**manifest, "files": files, "soft_labels": {"file": LABELS, "protocol": protocol}}
+    expected = _expected_labels(new, meta, files, where)
+    _check_labels_header(blob, expected, run_dir / LABELS)
+    new["storage_bytes"] = sum(f["bytes"] for f in files.values())
+    atomic_write_bytes(run_dir / LABELS, blob)
+    write_json_atomic(run_dir / MANIFEST, new)
+    return run_dir / LABELS
+
+
+def _check_labels_header(blob: bytes, expected: dict[str, tuple[str, list[int]]], where: Path) -> None:
+    size = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else -1
+    if not 0 < size <= min(len(blob) - 8, MAX_HEADER_BYTES):
+        raise ArtifactError(f"{where} is not a readable safetensors file: header size {size} (file of {len(blob)} bytes)")
+    try:
+        header = json.loads(blob[8:8 + size])
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ArtifactError(f"{where} is not a readable safetensors file: header is not JSON ({_line(e)})") from None
+    tag = {"format": f"{LABELS_FORMAT};schema_version={SCHEMA_VERSION}"}
+    if not isinstance(header, dict) or header.pop("__metadata__", None) != tag:
+        raise ArtifactError(f"{where} does not carry the format tag {tag['format']!r}; not condense soft labels")
+    got = {k: (v.get("dtype"), v.get("shape")) if isinstance(v, dict) else (None, None) for k, v in header.items()}
+    want = {k: (d, list(s)) for k, (d, s) in expected.items()}
+    if got != want:
+        raise ArtifactError(f"{where} holds {_line(repr(got))[:120]}, expected {want} (from the manifest)")
+
+
+def load_labels(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], int] | None:
+    """The stored soft labels of an artifact, verified, or ``None`` when it has none.
+
+    Returns:
+        ``(values (epochs, N, k) float16, indices or None, protocol, file bytes)``.
+
+    Raises:
+        ArtifactError: one line naming what is wrong (missing, truncated or modified file, a
+            manifest entry that does not describe it).
+    """
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if "soft_labels" not in manifest:
+        return None
+    where = run_dir / MANIFEST
+    meta, _ = _manifest_meta(manifest, where)
+    files = _manifest_files(manifest, where)
+    expected = _expected_labels(manifest, meta, files, where)
+    blob = _verified_bytes(run_dir, LABELS, files[LABELS])
+    _check_labels_header(blob, expected, run_dir / LABELS)
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError, KeyError, TypeError, OverflowError, AssertionError) as e:
+        raise ArtifactError(f"{run_dir / LABELS} is not a readable safetensors file: {_line(e)}") from None
+    indices = tensors.get("indices")
+    classes = meta.dataset.num_classes
+    if indices is not None and bool(((indices.long() < 0) | (indices.long() >= classes)).any()):
+        raise ArtifactError(f"{run_dir / LABELS} holds class indices outside [0, {classes})")
+    return tensors["values"], indices, dict(manifest["soft_labels"]["protocol"]), len(blob)
 
 
 def _safe_name(name: str) -> str:

@@ -357,13 +357,88 @@ def run_config(cfg: Mapping[str, Any], run_dir: Path | None, callbacks: list) ->
                      progress=bool(cfg.get("progress", True)), callbacks=callbacks)
 
 
+EVAL_PROTOCOLS = ("hard", "soft")
+
+
+#: Keys a hard-label eval group (conf/eval/default.yaml, cross_arch.yaml) hands to the soft-label
+#: protocol when the budget asks for it (``budget=cpu_soft`` without ``eval=soft``): the same meaning
+#: under both protocols.
+SHARED_EVAL_KEYS = ("archs", "num_models", "epochs", "test_size", "seed", "model_kwargs")
+
+
+def eval_protocol(cfg: Mapping[str, Any]) -> str:
+    """The evaluation protocol of a config: ``soft`` when the eval group is conf/eval/soft.yaml
+    (``protocol: soft``; the hard-label files have no such key) or the budget's ``eval.protocol``
+    is ``soft`` (``cpu_soft``), else ``hard``.
+
+    Raises:
+        ConfigError: an unknown protocol.
+    """
+    spec, budget = node(cfg, "eval"), node(cfg, "budget")
+    beval = budget.get("eval") or {}
+    for where, value in (("eval.protocol", spec.get("protocol", "hard")),
+                         ("budget.eval.protocol", beval.get("protocol", "hard"))):
+        if value not in EVAL_PROTOCOLS:
+            raise ConfigError(f"unknown {where} {value!r}; valid choices: {', '.join(EVAL_PROTOCOLS)}")
+    return "soft" if "soft" in (spec.get("protocol"), beval.get("protocol")) else "hard"
+
+
+def _hard_node_for_soft(spec: dict[str, Any], budget: str) -> dict[str, Any]:
+    """A hard-label eval node under a soft-label budget: its :data:`SHARED_EVAL_KEYS`; any other
+    setting changed from the hard protocol's default cannot apply and is an error (not ignored)."""
+    from condense.eval import EvalConfig
+
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+                for f in dataclasses.fields(EvalConfig)}
+    changed = sorted(k for k, v in spec.items() if k not in (*SHARED_EVAL_KEYS, "protocol")
+                     and (k not in defaults or (v is not None and defaults[k] != v)))
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"eval.{k}={spec[k]!r} is a hard-label protocol setting, but budget {budget!r} evaluates "
+                          f"under the soft-label protocol; add eval=soft and set its keys (conf/eval/soft.yaml)")
+    return {k: spec[k] for k in SHARED_EVAL_KEYS if k in spec}
+
+
+def _soft_eval_config(cfg: Mapping[str, Any], spec: dict[str, Any], ipc: int) -> Any:
+    """:class:`~condense.eval.SoftEvalConfig`: nulls from ``budget.eval.soft`` (epochs per ipc,
+    num_models, test_size, teacher), then from ``budget.eval`` (num_models, test_size), then the
+    protocol's defaults; ``cache_dir`` null: the run's ``cache_dir``."""
+    from condense.eval import SoftEvalConfig
+    from condense.eval.soft import DEFAULT_EPOCHS
+
+    budget = node(cfg, "budget")
+    beval = budget.get("eval") or {}
+    if spec.get("protocol") != "soft":
+        spec = _hard_node_for_soft(spec, str(budget.get("name")))
+    soft = beval.get("soft") or {}
+    if not isinstance(soft, Mapping):
+        raise ConfigError(f"budget.eval.soft must be a mapping (epochs, num_models, test_size, teacher), got {soft!r}")
+    for key in ("num_models", "test_size"):
+        if spec.get(key) is None:
+            spec[key] = soft.get(key, beval.get(key, 3 if key == "num_models" else 0))
+    if spec.get("epochs") is None:
+        ep = per_ipc(soft.get("epochs"), ipc)
+        spec["epochs"] = DEFAULT_EPOCHS if ep is None else ep
+    teacher = spec.get("teacher") or {}
+    if not isinstance(teacher, Mapping) or not isinstance(soft.get("teacher") or {}, Mapping):
+        raise ConfigError(f"eval.teacher must be a mapping of teacher settings (model, epochs, seed, train_size, "
+                          f"bf16, model_kwargs), got {teacher!r}")
+    spec["teacher"] = {**(soft.get("teacher") or {}), **teacher}
+    if spec.get("cache_dir") is None and cfg.get("cache_dir"):
+        spec["cache_dir"] = str(cfg["cache_dir"])
+    return to_dataclass(SoftEvalConfig, spec, "eval")
+
+
 def eval_config(cfg: Mapping[str, Any], ipc: int | None = None) -> Any:
-    """:class:`~condense.eval.EvalConfig` from ``cfg["eval"]`` with nulls filled from the budget
+    """:class:`~condense.eval.EvalConfig` (or, for ``eval.protocol: soft``,
+    :class:`~condense.eval.SoftEvalConfig`) from ``cfg["eval"]`` with nulls filled from the budget
     for ``ipc`` (default ``cfg["ipc"]``)."""
     from condense.eval import EvalConfig
 
     ipc = int(cfg.get("ipc") if ipc is None else ipc)
     spec = node(cfg, "eval")
+    if eval_protocol(cfg) == "soft":
+        return _soft_eval_config(cfg, spec, ipc)
     budget = node(cfg, "budget")
     beval = budget.get("eval") or {}
     if spec.get("num_models") is None:
@@ -377,7 +452,7 @@ def eval_config(cfg: Mapping[str, Any], ipc: int | None = None) -> Any:
         if ep is None:
             raise ConfigError(f"budget {budget.get('name')!r} gives no eval epochs for ipc {ipc}")
         spec["epochs"] = ep
-    return to_dataclass(EvalConfig, spec, "eval")
+    return to_dataclass(EvalConfig, spec, "eval", skip=("protocol",))
 
 
 # ----------------------------------------------------------------------------- checks

@@ -44,7 +44,7 @@ class DistilResult:
         run_dir: the artifact directory (``synset.safetensors``, ``manifest.json``, ...).
         paths: every file written, by role: ``artifact`` (= run_dir), ``synset``, ``manifest``,
             ``preview``, ``result``, ``eval`` (if evaluated), ``result_json`` (if asked),
-            ``export-<kind>`` per export.
+            ``export-<kind>`` per export, ``labels`` (soft-label protocol with stored labels).
     """
 
     synset: SyntheticSet
@@ -93,7 +93,7 @@ def _pipeline(cfg: dict[str, Any], built: C.Built, device: torch.device, run_dir
               extra_callbacks: list[runner.Callback], command: str | None,
               world: distributed.World | None = None) -> DistilResult:
     from condense.artifacts import save_synset
-    from condense.eval import Evaluator, write_eval_json
+    from condense.eval import make_evaluator, write_eval_json
 
     method, dataset = C.group_name(cfg, "method"), C.group_name(cfg, "dataset")
     data = C.load_data(cfg, device)
@@ -105,7 +105,7 @@ def _pipeline(cfg: dict[str, Any], built: C.Built, device: torch.device, run_dir
         run_dir = Path(ctx.shard.broadcast_object(str(run_dir), "the broadcast of the run directory"))
         log.info("class-parallel %s on %s, run directory %s", method, ctx.shard.describe(), run_dir)
     synth = C.method_class(cfg)(built.method, ctx)
-    evaluator = Evaluator(built.eval, data, device) if cfg.get("evaluate", True) and main else None
+    evaluator = make_evaluator(built.eval, data, device) if cfg.get("evaluate", True) and main else None
     callbacks = (_callbacks(cfg, evaluator, run_dir, parallel=world is not None) if main else []) + extra_callbacks
     log.info("%s on %s, ipc %d, %d iterations (budget %s), %s (%s), device %s", method, dataset, cfg["ipc"],
              built.iterations, C.group_name(cfg, "budget"), built.precision.value, built.precision.source, device)
@@ -129,6 +129,8 @@ def _pipeline(cfg: dict[str, Any], built: C.Built, device: torch.device, run_dir
     recipe = report.protocol if report is not None else None
     paths = {"artifact": run_dir, "manifest": save_synset(syn, run_dir, eval_recipe=recipe),
              "synset": run_dir / "synset.safetensors", "preview": run_dir / "preview.png"}
+    if getattr(evaluator, "pending_labels", None) is not None:  # soft protocol, stored labels: into the artifact
+        paths["labels"] = evaluator.save_pending(run_dir)
     record = result_record(cfg, built, result.info(), report, device, run_dir=run_dir, code=code,
                            speed=speed, command=command, data_root=getattr(data, "root", None))
     if report is not None:
@@ -236,7 +238,7 @@ def evaluate_config(target: SyntheticSet | str | Path, cfg: Mapping[str, Any]) -
     """:func:`evaluate` on a composed ``eval_app`` config; also the ``eval.json`` path written."""
     from condense.artifacts import load_synset
     from condense.data import build_dataset
-    from condense.eval import Evaluator, write_eval_json
+    from condense.eval import SoftEvaluator, make_evaluator, write_eval_json
 
     device = provenance.resolve_device(str(cfg.get("device") or "auto"))
     if isinstance(target, SyntheticSet):
@@ -254,10 +256,12 @@ def evaluate_config(target: SyntheticSet | str | Path, cfg: Mapping[str, Any]) -
     if not cfg.get("evaluate", True):
         return None, None
     data = build_dataset(syn.meta.dataset.name, root=cfg.get("data_root"), device=device)
-    report = Evaluator(ecfg, data, device).evaluate(syn)
+    evaluator = make_evaluator(ecfg, data, device)
+    report = (evaluator.evaluate(syn, artifact=art) if isinstance(evaluator, SoftEvaluator)
+              else evaluator.evaluate(syn))
     path = Path(str(cfg["out"])) if cfg.get("out") else (art / "eval.json" if art is not None else None)
     if path is not None:
         write_eval_json(report, path, method=syn.meta.method, dataset=syn.meta.dataset.name, ipc=syn.meta.ipc,
                         artifact=provenance.relative_path(art) if art is not None else None,
-                        eval_config=dataclasses.asdict(ecfg))
+                        eval_config=_portable_config(dataclasses.asdict(ecfg)))
     return report, path

@@ -162,13 +162,7 @@ class Evaluator:
         return self.data.train_images[idx], self.data.train_labels[idx]
 
     def _test_split(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.data.test_images, self.data.test_labels
-        if not self.cfg.test_size or self.cfg.test_size >= x.shape[0]:
-            return x, y
-        g = torch.Generator()
-        g.manual_seed(104729)
-        idx = torch.randperm(x.shape[0], generator=g)[: self.cfg.test_size].to(x.device)
-        return x[idx], y[idx]
+        return eval_test_split(self.data, self.cfg.test_size)
 
     def _select_lr(self, arch: str, images: torch.Tensor, targets: torch.Tensor,
                    label_temperature: float | None = None) -> tuple[float, dict]:
@@ -274,6 +268,18 @@ class Evaluator:
     def evaluate_whole(self) -> EvalReport:
         """The whole-training-set reference under the same protocol."""
         return self.evaluate_tensors(self.data.train_images, self.data.train_labels)
+
+
+def eval_test_split(data: RealData, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images and labels every protocol scores on: the whole split (``size`` 0), else a
+    fixed class-agnostic random subset of ``size`` (quick looks)."""
+    x, y = data.test_images, data.test_labels
+    if not size or size >= x.shape[0]:
+        return x, y
+    g = torch.Generator()
+    g.manual_seed(104729)
+    idx = torch.randperm(x.shape[0], generator=g)[:size].to(x.device)
+    return x[idx], y[idx]
 
 
 def write_eval_json(report: EvalReport, path: str | Path, **extra: Any) -> Path:

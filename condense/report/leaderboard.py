@@ -2,8 +2,10 @@
 
 Everything shown is computed from the result files alone (plus the hand-entered published numbers
 of :mod:`condense.report.published`). Results of different budgets never share a table: there is
-one section per dataset x budget, and its references (whole data, random subset) must come from
-the same budget, else the score cells show "—".
+one section per dataset x budget x evaluation protocol, and its references (whole data, random
+subset) must come from the same budget and protocol, else the score cells show "—". Records of the
+soft-label protocol (:func:`~condense.report.records.record_protocol`) form their own sections
+whatever their budget's name, with the images' and the labels' bytes beside each row.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from condense.report.document import to_markdown as render_markdown
 from condense.report.published import SOURCE as PUBLISHED_SOURCE
 from condense.report.published import published_rows, published_value
 from condense.report.records import (
+    HARD,
+    SOFT,
     WHOLE,
     Cell,
     CellKey,
@@ -33,6 +37,7 @@ from condense.report.records import (
     load_results,
     method_label,
     prepare_s,
+    record_protocol,
 )
 from condense.report.scores import FORMULA as SCORE_FORMULA
 from condense.report.scores import LRS_WEIGHT, hlr, ior, lrs
@@ -43,7 +48,7 @@ DASH = "—"
 DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10",
                  "cifar100": "CIFAR-100", "svhn": "SVHN", "tiny_imagenet": "Tiny ImageNet"}
 METHOD_ORDER = ("random", "herding", "kcenter", "grand", "el2n", "forgetting", "dc", "dsa", "dm", "datadam",
-                "mtt", "ftd", "tesla", "datm", "sre2l", "cda")
+                "mtt", "ftd", "tesla", "datm", "sre2l", "cda", "rded", "committee")
 
 
 def _order(label: str) -> tuple[int, str]:
@@ -69,7 +74,7 @@ def _safe(name: str) -> str:
 
 @dataclass
 class Section:
-    """One dataset x budget: its cells and references."""
+    """One dataset x budget x evaluation protocol: its cells and references."""
 
     dataset: str
     budget: str
@@ -77,10 +82,16 @@ class Section:
     whole: Cell | None
     other_whole: list[Cell] = field(default_factory=list)  # whole-data cells of other budgets
     whole_declared: bool = False  # ``whole`` is another schedule's record declared as this budget's reference
+    protocol: str = HARD  # ``soft``: the soft-label protocol's cells (never in a hard-label section)
+
+    @property
+    def soft(self) -> bool:
+        return self.protocol == SOFT
 
     @property
     def title(self) -> str:
-        return f"{DATASET_NAMES.get(self.dataset, self.dataset)} — budget `{self.budget}`"
+        return (f"{DATASET_NAMES.get(self.dataset, self.dataset)} — budget `{self.budget}`"
+                + (", soft-label protocol" if self.soft else ""))
 
     @property
     def ipcs(self) -> list[int]:
@@ -92,7 +103,7 @@ class Section:
 
     def cell(self, label: str, ipc: int) -> Cell | None:
         method, _, flip = label.partition("+")
-        return self.cells.get(CellKey(self.dataset, self.budget, method, bool(flip), ipc))
+        return self.cells.get(CellKey(self.dataset, self.budget, method, bool(flip), ipc, self.protocol))
 
     def random(self, ipc: int) -> Cell | None:
         return self.cell("random", ipc)
@@ -106,27 +117,29 @@ class Section:
 
 
 def sections(cells: dict[CellKey, Cell]) -> list[Section]:
-    """Split cells into dataset x budget sections, attaching the whole-data reference.
+    """Split cells into dataset x budget x protocol sections, attaching the whole-data reference.
 
-    The reference is the whole-data cell of the same budget, else one whose records declare
-    themselves the reference for this budget (``reference_for``: the whole training set cannot
-    be trained for the budget's 1000 epochs, so it is trained on its own short schedule).
+    The reference is the whole-data cell of the same budget and protocol, else one of the same
+    protocol whose records declare themselves the reference for this budget (``reference_for``:
+    the whole training set cannot be trained for the budget's 1000 epochs, so it is trained on its
+    own short schedule). A hard-label reference never serves a soft-label section, nor the reverse.
     """
     wholes: dict[str, list[Cell]] = defaultdict(list)
-    groups: dict[tuple[str, str], dict[CellKey, Cell]] = defaultdict(dict)
+    groups: dict[tuple[str, str, str], dict[CellKey, Cell]] = defaultdict(dict)
     for key, cell in cells.items():
         if key.method == WHOLE:
             wholes[key.dataset].append(cell)
         else:
-            groups[(key.dataset, key.budget)][key] = cell
+            groups[(key.dataset, key.budget, key.protocol)][key] = cell
     out = []
-    for (dataset, budget), group in sorted(groups.items()):
-        same = [w for w in wholes[dataset] if w.key.budget == budget]
-        declared = [w for w in wholes[dataset]
+    for (dataset, budget, protocol), group in sorted(groups.items()):
+        mine = [w for w in wholes[dataset] if w.key.protocol == protocol]
+        same = [w for w in mine if w.key.budget == budget]
+        declared = [w for w in mine
                     if w.key.budget != budget and all(budget in (r.get("reference_for") or []) for r in w.records)]
         ref = (same or declared or [None])[0]
         out.append(Section(dataset, budget, group, ref, [w for w in wholes[dataset] if w is not ref],
-                           whole_declared=not same and ref is not None))
+                           whole_declared=not same and ref is not None, protocol=protocol))
     return out
 
 
@@ -409,7 +422,131 @@ def ablation_table(recs: list[dict[str, Any]], ids: dict[str, str],
                   "iterations", "machine", "budget cell"], rows, align="lllrllrrrrll")
 
 
+def soft_protocol_text(recs: list[dict[str, Any]]) -> str:
+    """One paragraph describing the soft-label protocol of ``recs`` (their ``eval.protocol``)."""
+    protos = [(r, (r.get("eval") or {}).get("protocol") or {}) for r in recs]
+    get = lambda key: _values([p for _, p in protos], lambda p: p.get(key))  # noqa: E731
+    aug = lambda key: _values([p for _, p in protos], lambda p: (p.get("augmentation") or {}).get(key))  # noqa: E731
+    archs = _values([p for _, p in protos], lambda p: ", ".join(p.get("archs") or []) or None)
+    by_ipc: dict[Any, list[Any]] = defaultdict(list)
+    for r, p in protos:
+        if p.get("epochs") is not None and p["epochs"] not in by_ipc[r.get("ipc")]:
+            by_ipc[r.get("ipc")].append(p["epochs"])
+    epochs = "; ".join(f"{_join(v)} at ipc {k}" for k, v in sorted(by_ipc.items(), key=lambda kv: kv[0] or 0)
+                       if k is not None)
+    scale = _join([f"{lo}–{hi}" for lo, hi in aug("crop_scale")])
+    cut = [a for a in aug("cutmix_alpha") if a]
+    mix = f"CutMix (Beta α {_join(cut)}, one box per batch)" if cut else "no CutMix"
+    flips = aug("flip")
+    flip = "flip" if flips == [True] else "no flip" if flips == [False] else f"flip: {_join(flips)}"
+    sources = get("teacher_source")
+    teachers = []
+    if "set" in sources:
+        teachers.append("a recovery set's own teachers (committee logits averaged with their weights)")
+    if "config" in sources:
+        specs = _values([t for _, p in protos if p.get("teacher_source") == "config" for t in p.get("teachers") or []],
+                        lambda t: f"{t.get('model')} ({t.get('epochs')} epochs"
+                                  + (f", {t.get('train_size')} images" if t.get("train_size") else "") + ")")
+        teachers.append(f"any other set: {_join(specs)}")
+    modes = get("label_mode")
+    return (f"Each set trains {_join(get('num_models'))} fresh student(s) of {_join(archs)} from scratch on a "
+            f"teacher's soft labels: KL divergence at temperature {_join(get('temperature'))} (× T²), AdamW lr "
+            f"{_join(get('lr'))}, weight decay {_join(get('weight_decay'))}, cosine schedule, batch "
+            f"{_join(get('batch_size'))}; every batch a random resized crop (area {scale}), {flip}, {mix}, "
+            f"labelled by the teacher on exactly that batch (labels {_join(modes)}; stored labels are fp16 "
+            f"logits replayed with their crops from a seed); epochs: {epochs or _join(get('epochs'))}; "
+            f"teachers: {'; '.join(teachers) or '?'}; test accuracy on {_join(get('test_images'))} test images, "
+            f"mean ± std over the students (pooled over seeds).")
+
+
+def fmt_bytes(n: float | None) -> str:
+    """``"7.8 KiB"``, ``"1.2 MiB"`` (binary units), ``"0"``, or "—"."""
+    if n is None:
+        return DASH
+    if n < 1024:
+        return f"{int(n)} B" if n else "0"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024.0
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+    return DASH  # unreachable
+
+
+def storage(cell: Cell) -> dict[str, Any]:
+    """A soft-label cell's storage: image, label and teacher bytes (the largest over its records;
+    label bytes 0 = labels computed online) and its teachers' test accuracies (percent)."""
+    protos = [(r.get("eval") or {}).get("protocol") or {} for r in cell.records]
+
+    def most(key: str) -> float | None:
+        vals = [float(p[key]) for p in protos if _num(p.get(key)) is not None]
+        return max(vals) if vals else None
+
+    accs = _values(protos, lambda p: tuple(round(float(a), 2) for a in p.get("teacher_acc") or [] if _num(a) is not None)
+                   or None)
+    modes = _values(protos, lambda p: p.get("label_mode"))
+    return {"image_bytes": most("image_bytes"), "label_bytes": most("label_bytes"),
+            "teacher_bytes": most("teacher_bytes"), "teacher_acc": accs, "label_mode": modes}
+
+
+def soft_accuracy_table(sec: Section) -> Table:
+    """method x ipc under the soft-label protocol (no published columns: those are hard-label numbers)."""
+    header = ["method"] + [f"ipc {k}" for k in sec.ipcs]
+    rows = [["whole dataset"] + [fmt_acc(sec.whole) for _ in sec.ipcs]] if sec.whole is not None else []
+    for label in sec.labels:
+        rows.append([label] + [fmt_acc(sec.cell(label, k)) for k in sec.ipcs])
+    return Table(header, rows)
+
+
+def soft_score_table(sec: Section, ids: dict[str, str]) -> Table:
+    """Scores per (method, ipc) under the soft-label protocol with what the set costs to keep:
+    image bytes, label bytes (stored soft labels; 0: online, the teacher must be kept instead),
+    teacher bytes and accuracy."""
+    header = ["method", "ipc", "accuracy", "IOR ↑", "HLR ↓", "LRS ↑", "image bytes", "label bytes", "teacher bytes",
+              "teacher acc", "distill (min)", "prepare (min)", "seeds", "machine"]
+    rows = []
+    for s in score_rows(sec):
+        c: Cell = s["cell"]
+        st = storage(c)
+        labels = fmt_bytes(st["label_bytes"]) + (" (online)" if st["label_bytes"] == 0 else "")
+        accs = "; ".join(", ".join(f"{a:.2f}" for a in t) for t in st["teacher_acc"]) or DASH
+        rows.append([s["label"], str(s["ipc"]), fmt_acc(c), fmt_num(s["ior"], signed=True), fmt_num(s["hlr"]),
+                     fmt_num(s["lrs"]), fmt_bytes(st["image_bytes"]), labels, fmt_bytes(st["teacher_bytes"]), accs,
+                     fmt_num(s["minutes"], 1), fmt_num(s["prepare_minutes"], 1), ", ".join(map(str, c.seeds)),
+                     record_machines(c.records, ids)])
+    return Table(header, rows)
+
+
+def _soft_section_blocks(sec: Section, figures_dir: Path, ids: dict[str, str]) -> list[object]:
+    recs = [r for c in sec.cells.values() for r in c.records]
+    arch = _join(_values(list(sec.cells.values()), lambda c: c.arch))
+    blocks: list[object] = [
+        Heading(2, sec.title),
+        Paragraph(f"Test accuracy (%) of `{arch}` students under the soft-label protocol, budget `{sec.budget}` "
+                  f"({len(recs)} result file(s); protocol: see Protocol above). Never compare these numbers with "
+                  f"the hard-label tables: every set here learns from a teacher's labels."),
+        Paragraph(f"Whole-data reference under this protocol: {fmt_acc(sec.whole)}." if sec.whole is not None else
+                  f"No whole-data reference under this protocol (HLR and LRS show {DASH})."),
+        Heading(3, "Accuracy"), soft_accuracy_table(sec),
+        Heading(3, "DD-Ranking scores, storage and distillation time"), soft_score_table(sec, ids),
+        Paragraph(f"IOR: improvement over the random subset of the same ipc under this same protocol and "
+                  f"teacher (random + KD, a strong baseline: the gain over it is the number that matters); "
+                  f"{SCORE_FORMULA}. image bytes: the set's float32 images; label bytes: the stored soft labels "
+                  f"(fp16 logits per epoch and image; 0 (online): computed by the teacher during training, "
+                  f"which must then be kept: teacher bytes, its float32 parameters); teacher acc: the teachers' "
+                  f"test accuracy (%). distill / prepare (min): as in the hard-label tables."),
+    ]
+    tag = f"{_safe(sec.dataset)}-{_safe(sec.budget)}-soft"
+    cells = list(sec.cells.values())
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    p1 = plots.accuracy_vs_ipc(cells, sec.whole, f"{sec.title.replace('`', '')}: accuracy vs ipc",
+                               figures_dir / f"acc_vs_ipc-{tag}.png", published=False)
+    blocks += [Heading(3, "Figures"), Image(p1, "accuracy vs ipc", "Accuracy vs ipc (soft-label protocol).")]
+    return blocks
+
+
 def _section_blocks(sec: Section, figures_dir: Path, ids: dict[str, str]) -> list[object]:
+    if sec.soft:
+        return _soft_section_blocks(sec, figures_dir, ids)
     recs = [r for c in sec.cells.values() for r in c.records]
     arch = _join(_values(list(sec.cells.values()), lambda c: c.arch))
     blocks: list[object] = [
@@ -475,17 +612,22 @@ def build_document(results: Results, figures_dir: Path, command: str) -> Documen
                       "(published numbers excepted). Regenerate with:"),
             Code(command),
             Heading(2, "Protocol"))
-    by_budget: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_budget: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in results.accuracy:
         if r["method"] != WHOLE:
-            by_budget[r["budget"]].append(r)
-    for budget, recs in sorted(by_budget.items()):
-        doc.add(Paragraph(f"Budget `{budget}`: " + protocol_text(recs)))
+            by_budget[(r["budget"], record_protocol(r))].append(r)
+    for (budget, protocol), recs in sorted(by_budget.items()):
+        if protocol == SOFT:
+            doc.add(Paragraph(f"Budget `{budget}`, soft-label protocol: " + soft_protocol_text(recs)))
+        else:
+            doc.add(Paragraph(f"Budget `{budget}`: " + protocol_text(recs)))
     if not by_budget:
         doc.add(Paragraph("No accuracy results yet."))
     doc.add(Paragraph("Accuracy cells read `mean ± std (n)`: n = number of fresh evaluation models (pooled "
                       "over seeds). Results of different budgets are never mixed in one table; a score needs "
-                      f"its references (whole data, random subset) under the same budget, else it shows {DASH}."))
+                      f"its references (whole data, random subset) under the same budget, else it shows {DASH}."
+                      + (" Soft-label protocol results (a teacher's labels) have their own sections, never mixed "
+                         "with hard-label ones." if any(k[1] == SOFT for k in by_budget) else "")))
     ids = machine_ids(results.accuracy + results.ablation + results.perf)
     doc.add(Heading(2, "Machines and code"),
             *[Paragraph(t) for t in machine_lines(results.accuracy + results.ablation + results.perf, ids)

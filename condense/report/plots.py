@@ -27,7 +27,7 @@ def _new_figure() -> tuple[Figure, object]:
     return fig, fig.add_subplot()
 
 
-def accuracy_vs_ipc(cells: list[Cell], whole: Cell | None, title: str, path: Path) -> Path:
+def accuracy_vs_ipc(cells: list[Cell], whole: Cell | None, title: str, path: Path, published: bool = True) -> Path:
     """One line per method (ours solid with std bars; published dashed, same colour).
 
     Args:
@@ -35,6 +35,7 @@ def accuracy_vs_ipc(cells: list[Cell], whole: Cell | None, title: str, path: Pat
         whole: the whole-data cell of the same dataset x budget, drawn as a dotted line.
         title: axes title.
         path: PNG to write.
+        published: draw the published numbers (hard-label protocols: not beside soft-label cells).
     """
     labels = sorted({c.key.label for c in cells})
     colors = _colors(labels)
@@ -46,7 +47,7 @@ def accuracy_vs_ipc(cells: list[Cell], whole: Cell | None, title: str, path: Pat
                     capsize=3, label=f"{lab}")
         pub = [(c.key.ipc, published_value(c.key.dataset, c.key.method, c.key.ipc, c.key.flip)) for c in mine]
         pub = [(x, v.mean) for x, v in pub if v is not None]
-        if pub:
+        if pub and published:
             ax.plot([x for x, _ in pub], [y for _, y in pub], color=colors[lab], linestyle="--", marker="x",
                     alpha=0.8, label=f"{lab} (published)")
     if whole is not None:

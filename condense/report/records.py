@@ -20,6 +20,19 @@ log = logging.getLogger(__name__)
 
 SCHEMA = 1
 WHOLE = "whole"
+#: Evaluation protocols a record can be scored under; their cells never share a table.
+HARD, SOFT = "hard", "soft"
+#: ``eval.protocol.labels`` of the soft-label protocol (:data:`condense.eval.soft.SOFT_LABELS`).
+SOFT_PROTOCOL_LABELS = "soft (teacher)"
+
+
+def record_protocol(rec: dict[str, Any]) -> str:
+    """``soft`` for a record evaluated under the soft-label protocol (``eval.protocol.protocol``
+    soft, or its labels "soft (teacher)"), whatever its budget's name; else ``hard`` (a set with
+    learned soft labels under the hard-label protocol, e.g. DATM, stays ``hard``)."""
+    ev = rec.get("eval") if isinstance(rec.get("eval"), dict) else {}
+    proto = ev.get("protocol") if isinstance(ev.get("protocol"), dict) else {}
+    return SOFT if proto.get("protocol") == SOFT or proto.get("labels") == SOFT_PROTOCOL_LABELS else HARD
 
 
 def method_label(method: str, flip: bool) -> str:
@@ -184,13 +197,15 @@ def load_results(results_dir: str | Path) -> Results:
 
 @dataclass(frozen=True, order=True)
 class CellKey:
-    """One leaderboard cell: dataset x budget x method (+flip) x ipc (``None`` for whole data)."""
+    """One leaderboard cell: dataset x budget x method (+flip) x ipc (``None`` for whole data) x
+    evaluation protocol (``hard`` or ``soft``: :func:`record_protocol`)."""
 
     dataset: str
     budget: str
     method: str
     flip: bool
     ipc: int | None
+    protocol: str = HARD
 
     @property
     def label(self) -> str:
@@ -233,7 +248,7 @@ def pool(stats: list[tuple[float, float, int]]) -> tuple[float, float, int]:
 def cell_key(rec: dict[str, Any]) -> CellKey:
     ipc = rec.get("ipc")
     return CellKey(str(rec["dataset"]), str(rec["budget"]), str(rec["method"]), bool(rec.get("flip")),
-                   None if rec["method"] == WHOLE else int(ipc))
+                   None if rec["method"] == WHOLE else int(ipc), record_protocol(rec))
 
 
 def aggregate(records: list[dict[str, Any]]) -> dict[CellKey, Cell]:
