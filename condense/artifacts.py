@@ -427,6 +427,14 @@ def _check_header(blob: bytes, expected: dict[str, tuple[str, list[int]]], where
                                 f"{_line(repr(got[1]))[:80]}, expected {want[0]} {want[1]} (from the manifest)")
 
 
+def _read_tensors(blob: bytes, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a verified safetensors ``blob`` (a header that lies: one-line ArtifactError)."""
+    try:
+        return st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError, KeyError, TypeError, OverflowError, AssertionError) as e:
+        raise ArtifactError(f"{path} is not a readable safetensors file: {_line(e)}") from None
+
+
 def load_synset(run_dir: str | Path, device: torch.device | str = "cpu") -> SyntheticSet:
     """Load and verify an artifact directory written by :func:`save_synset`.
 
@@ -453,10 +461,7 @@ def load_synset(run_dir: str | Path, device: torch.device | str = "cpu") -> Synt
         _verify_streamed(run_dir, LABELS, files[LABELS])
     blob = _verified_bytes(run_dir, SYNSET, files[SYNSET])
     _check_header(blob, expected, run_dir / SYNSET)
-    try:
-        tensors = st_load(blob)
-    except (SafetensorError, ValueError, RuntimeError, KeyError, TypeError, OverflowError, AssertionError) as e:
-        raise ArtifactError(f"{run_dir / SYNSET} is not a readable safetensors file: {_line(e)}") from None
+    tensors = _read_tensors(blob, run_dir / SYNSET)
     labels = tensors["labels"]
     if not facts["soft"] and bool(((labels < 0) | (labels >= meta.dataset.num_classes)).any()):
         raise ArtifactError(f"{run_dir / SYNSET} holds labels outside [0, {meta.dataset.num_classes})")
@@ -589,10 +594,7 @@ def load_labels(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor | None,
     expected = _expected_labels(manifest, meta, files, where)
     blob = _verified_bytes(run_dir, LABELS, files[LABELS])
     _check_labels_header(blob, expected, run_dir / LABELS)
-    try:
-        tensors = st_load(blob)
-    except (SafetensorError, ValueError, RuntimeError, KeyError, TypeError, OverflowError, AssertionError) as e:
-        raise ArtifactError(f"{run_dir / LABELS} is not a readable safetensors file: {_line(e)}") from None
+    tensors = _read_tensors(blob, run_dir / LABELS)
     indices = tensors.get("indices")
     classes = meta.dataset.num_classes
     if indices is not None and bool(((indices.long() < 0) | (indices.long() >= classes)).any()):

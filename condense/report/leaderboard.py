@@ -156,17 +156,22 @@ def _join(vals: list[Any]) -> str:
     return " or ".join(str(v) for v in vals) if vals else "?"
 
 
+def _epochs_by_ipc(protos: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
+    """"E at ipc K; ..." from ``(record, eval protocol)`` pairs (distinct epochs per ipc)."""
+    by_ipc: dict[Any, list[Any]] = defaultdict(list)
+    for r, p in protos:
+        if p.get("epochs") is not None and p["epochs"] not in by_ipc[r.get("ipc")]:
+            by_ipc[r.get("ipc")].append(p["epochs"])
+    return "; ".join(f"{_join(v)} at ipc {k}" for k, v in sorted(by_ipc.items(), key=lambda kv: kv[0] or 0)
+                     if k is not None)
+
+
 def protocol_text(recs: list[dict[str, Any]]) -> str:
     """One paragraph describing the evaluation protocol of ``recs`` (from their ``eval.protocol``)."""
     protos = [(r, (r.get("eval") or {}).get("protocol") or {}) for r in recs]
     get = lambda key: _values([p for _, p in protos], lambda p: p.get(key))  # noqa: E731
     archs = _values([p for _, p in protos], lambda p: ", ".join(p.get("archs") or []) or None)
-    by_ipc: dict[Any, list[Any]] = defaultdict(list)
-    for r, p in protos:
-        if p.get("epochs") is not None and p["epochs"] not in by_ipc[r.get("ipc")]:
-            by_ipc[r.get("ipc")].append(p["epochs"])
-    epochs = "; ".join(f"{_join(v)} at ipc {k}" for k, v in sorted(by_ipc.items(), key=lambda kv: kv[0] or 0)
-                       if k is not None)
+    epochs = _epochs_by_ipc(protos)
     dsa = get("dsa")
     strategies = get("dsa_strategy")
     aug = ("DSA augmentation during training" + (f" (strategy {_join(strategies)})" if strategies else "")
@@ -428,12 +433,7 @@ def soft_protocol_text(recs: list[dict[str, Any]]) -> str:
     get = lambda key: _values([p for _, p in protos], lambda p: p.get(key))  # noqa: E731
     aug = lambda key: _values([p for _, p in protos], lambda p: (p.get("augmentation") or {}).get(key))  # noqa: E731
     archs = _values([p for _, p in protos], lambda p: ", ".join(p.get("archs") or []) or None)
-    by_ipc: dict[Any, list[Any]] = defaultdict(list)
-    for r, p in protos:
-        if p.get("epochs") is not None and p["epochs"] not in by_ipc[r.get("ipc")]:
-            by_ipc[r.get("ipc")].append(p["epochs"])
-    epochs = "; ".join(f"{_join(v)} at ipc {k}" for k, v in sorted(by_ipc.items(), key=lambda kv: kv[0] or 0)
-                       if k is not None)
+    epochs = _epochs_by_ipc(protos)
     scale = _join([f"{lo}–{hi}" for lo, hi in aug("crop_scale")])
     cut = [a for a in aug("cutmix_alpha") if a]
     mix = f"CutMix (Beta α {_join(cut)}, one box per batch)" if cut else "no CutMix"
