@@ -83,7 +83,7 @@ def test_keywords_compose_like_the_command_line():
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"method": "nosuch"}, "unknown method 'nosuch'; valid choices: datadam, datm, dc, dm"),
+    ({"method": "nosuch"}, "unknown method 'nosuch'; valid choices: cda, committee, datadam, datm, dc, dm"),
     ({"budget": "huge"}, "unknown budget 'huge'; valid choices: "),
     ({"nosuchkey": 1}, "unknown config key 'nosuchkey'; valid top-level keys: "),
     ({"method": "dm", "method__bogus": 1}, "unknown key(s) 'bogus' in method; valid keys: "),
