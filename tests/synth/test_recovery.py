@@ -124,15 +124,6 @@ def test_committee_votes_and_relabel_weights(tiny_data, tmp_path) -> None:
     assert accuracy_weights([90.0, 80.0], 5.0) == pytest.approx([1 / (1 + math.exp(-2)), math.exp(-2) / (1 + math.exp(-2))])
 
 
-def test_resume_state_round_trip(tiny_data, tmp_path) -> None:
-    s, ctx = _synth(SRe2L, RecoveryConfig, tiny_data, tmp_path, iterations=6)
-    syn = s.init_set()
-    for it in range(3):
-        s.step(syn, it)
-    state = s.state_dict()
-    assert "opt" in state and "sched" in state
-
-
 def test_rded_keeps_each_class_lowest_ce_crops(tiny_data, tmp_path) -> None:
     s, ctx = _synth(RDED, RDEDConfig, tiny_data, tmp_path, ipc=3)
     s.cfg.candidates_per_class = 10
