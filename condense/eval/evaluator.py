@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 
 from condense.errors import ConfigError
 from condense.provenance import write_json_atomic
-from condense.train import FitConfig, accuracy, fit
+from condense.train import FitConfig, TrainCallback, accuracy, fit
 from condense.types import EvalReport, RealData, SyntheticSet
 
 log = logging.getLogger(__name__)
@@ -130,10 +131,11 @@ class Evaluator:
 
     def train(self, arch: str, images: torch.Tensor, targets: torch.Tensor, seeds: list[int],
               lr: float, *, vectorize: bool | None = None,
-              label_temperature: float | None = None) -> list[torch.nn.Module]:
+              label_temperature: float | None = None, callbacks: Sequence[TrainCallback] = ()) -> list[torch.nn.Module]:
         """Fresh ``arch`` models (one per seed) trained on ``images``/``targets`` under the protocol.
 
         ``label_temperature``: the set's soft-label temperature (see :meth:`temperature`).
+        ``callbacks``: training-engine observers (e.g. a per-epoch test curve); never change the result.
 
         Returns:
             The trained modules (in eval mode).
@@ -143,7 +145,7 @@ class Evaluator:
 
         make = model_factory(arch, self.data.spec, self.device, **self.cfg.model_kwargs)
         result = fit(make, (images, targets), self._train_cfg(float(lr), label_temperature), seeds=seeds,
-                     augment=self._augment_fn(), vectorize=vec)
+                     augment=self._augment_fn(), vectorize=vec, callbacks=callbacks)
         for m in result.models:
             m.eval()
         return result.models
@@ -177,7 +179,7 @@ class Evaluator:
 
     def evaluate_tensors(
         self, images: torch.Tensor, targets: torch.Tensor, *, learned_lr: float | None = None,
-        label_temperature: float | None = None,
+        label_temperature: float | None = None, callbacks: Sequence[TrainCallback] = (),
     ) -> EvalReport:
         """Evaluate any labelled tensor set (synthetic, a random real subset, the whole data).
 
@@ -200,7 +202,8 @@ class Evaluator:
             if c.select_lr:
                 lr, selection[arch] = self._select_lr(arch, images, targets, label_temperature)
             seeds = [c.seed * 1000 + i for i in range(c.num_models)]
-            models = self.train(arch, images, targets, seeds, float(lr), label_temperature=label_temperature)
+            models = self.train(arch, images, targets, seeds, float(lr), label_temperature=label_temperature,
+                                callbacks=callbacks)
             tx, ty = self._test_split()
             accs = accuracy(models, tx, ty, bf16=c.bf16, vectorize=self.vectorize)
             for s, a in zip(seeds, accs, strict=True):
@@ -265,9 +268,9 @@ class Evaluator:
         white = dataclasses.replace(d, train_images=zca.apply(d.train_images), test_images=zca.apply(d.test_images))
         return Evaluator(self.cfg, white, self.device)
 
-    def evaluate_whole(self) -> EvalReport:
+    def evaluate_whole(self, callbacks: Sequence[TrainCallback] = ()) -> EvalReport:
         """The whole-training-set reference under the same protocol."""
-        return self.evaluate_tensors(self.data.train_images, self.data.train_labels)
+        return self.evaluate_tensors(self.data.train_images, self.data.train_labels, callbacks=callbacks)
 
 
 def eval_test_split(data: RealData, size: int) -> tuple[torch.Tensor, torch.Tensor]:

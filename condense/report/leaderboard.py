@@ -116,13 +116,19 @@ class Section:
         return f"{label} (learned labels)" if learned else label
 
 
+def trained_epochs(cell: Cell) -> int:
+    """The fewest epochs any of the cell's records trained its models for (0 when unrecorded)."""
+    return min(int(((r.get("eval") or {}).get("protocol") or {}).get("epochs") or 0) for r in cell.records)
+
+
 def sections(cells: dict[CellKey, Cell]) -> list[Section]:
     """Split cells into dataset x budget x protocol sections, attaching the whole-data reference.
 
     The reference is the whole-data cell of the same budget and protocol, else one of the same
     protocol whose records declare themselves the reference for this budget (``reference_for``:
     the whole training set cannot be trained for the budget's 1000 epochs, so it is trained on its
-    own short schedule). A hard-label reference never serves a soft-label section, nor the reverse.
+    own short schedule; where several declare it, the longest-trained wins, the others are listed).
+    A hard-label reference never serves a soft-label section, nor the reverse.
     """
     wholes: dict[str, list[Cell]] = defaultdict(list)
     groups: dict[tuple[str, str, str], dict[CellKey, Cell]] = defaultdict(dict)
@@ -135,8 +141,9 @@ def sections(cells: dict[CellKey, Cell]) -> list[Section]:
     for (dataset, budget, protocol), group in sorted(groups.items()):
         mine = [w for w in wholes[dataset] if w.key.protocol == protocol]
         same = [w for w in mine if w.key.budget == budget]
-        declared = [w for w in mine
-                    if w.key.budget != budget and all(budget in (r.get("reference_for") or []) for r in w.records)]
+        declared = sorted((w for w in mine
+                           if w.key.budget != budget and all(budget in (r.get("reference_for") or []) for r in w.records)),
+                          key=lambda w: -trained_epochs(w))  # several declared: the longest-trained
         ref = (same or declared or [None])[0]
         out.append(Section(dataset, budget, group, ref, [w for w in wholes[dataset] if w is not ref],
                            whole_declared=not same and ref is not None, protocol=protocol))

@@ -116,3 +116,22 @@ def test_evaluator_trains_through_the_engine_and_its_modules_score_the_report(ti
         assert [r["test_acc"] for r in rep.runs] == [round(a, 4) for a in
                                                      accuracy(models, tiny_data.test_images, tiny_data.test_labels)]
         assert rep.protocol["vectorized"] is vec
+
+
+def test_training_callbacks_observe_every_epoch_without_changing_the_models(tiny_data):
+    from condense.train import TrainCallback
+
+    class Curve(TrainCallback):
+        def __init__(self) -> None:
+            self.points = []
+
+        def on_epoch_end(self, state) -> None:
+            self.points.append((state.epoch, accuracy(state.models, tiny_data.test_images, tiny_data.test_labels)))
+
+    cfg = EvalConfig(num_models=2, epochs=3, dsa=True, model_kwargs={"width": 8, "depth": 2})
+    curve = Curve()
+    seen = Evaluator(cfg, tiny_data).evaluate_whole(callbacks=[curve])
+    plain = Evaluator(cfg, tiny_data).evaluate_whole()
+    assert [r["test_acc"] for r in seen.runs] == [r["test_acc"] for r in plain.runs]
+    assert [e for e, _ in curve.points] == [1, 2, 3]
+    assert [round(a, 4) for a in curve.points[-1][1]] == [r["test_acc"] for r in seen.runs]
