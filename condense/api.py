@@ -44,7 +44,7 @@ __all__ = ["RUN_DIR", "DistilResult", "compose", "default_run_dir", "distil", "e
 
 def _group_choices(overrides: Mapping[str, Any]) -> dict[str, str]:
     """The overrides that choose a group's file by name (a group key with a string value)."""
-    return {k: v for k, v in overrides.items() if k in C.GROUPS and isinstance(v, str)}
+    return {k: v for k, v in overrides.items() if k in C.ALL_GROUPS and isinstance(v, str)}
 
 
 def compose(method: str | None = None, dataset: str | None = None, ipc: int | None = None,

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from condense.errors import ArtifactError
+from condense.errors import ArtifactError, ConfigError
 from condense.provenance import atomic_write_bytes, code_version, write_json_atomic
 from condense.types import SCHEMA_VERSION, DatasetSpec, SetMeta, SyntheticSet
 
@@ -272,6 +272,13 @@ def _manifest_meta(m: dict[str, Any], where: Path) -> tuple[SetMeta, dict[str, A
         raise _bad(where, "seed", m["seed"], "a non-negative integer")
     if m["eval_recipe"] is not None and not isinstance(m["eval_recipe"], dict):
         raise _bad(where, "eval_recipe", m["eval_recipe"], "null or an object")
+    if "decoder" in m["extra"]:  # multi-formation: the evaluator and the exports decode with it
+        from condense.ops.formation import Decoder
+
+        try:
+            Decoder.from_dict(m["extra"]["decoder"]).check_size(spec.im_size)
+        except ConfigError as e:
+            raise _bad(where, "extra.decoder", m["extra"]["decoder"], f"a valid parametrization ({e})") from None
     meta = SetMeta(dataset=spec, ipc=m["ipc"], method=m["method"], config=m["config"], seed=m["seed"],
                    zca=m["zca"], code_version=m["code_version"], extra=m["extra"])
     return meta, {"soft": m["labels"] == "soft", "learned_lr": m["learned_lr"]}
@@ -607,13 +614,17 @@ def _safe_name(name: str) -> str:
 
 
 def export_imagefolder(syn: SyntheticSet, out_dir: str | Path) -> Path:
-    """PNG files ``out_dir/NNN-<class name>/<i>.png`` (denormalized, clamped to [0,1]).
+    """PNG files ``out_dir/NNN-<class name>/<i>.png`` (denormalized, clamped to [0,1]); a
+    multi-formation set is decoded first (``factor^2`` files per stored image).
 
     The zero-padded prefix keeps torchvision's ImageFolder class order equal to ours.
     """
     from PIL import Image
 
+    from condense.ops.formation import decoded_set
+
     out_dir = Path(out_dir)
+    syn = decoded_set(syn)  # multi-formation: the images a network trains on
     spec = syn.meta.dataset
     imgs = spec.denormalize(syn.images.detach().cpu().float()).clamp(0, 1)
     arr = imgs.mul(255).round().byte().permute(0, 2, 3, 1).numpy()
@@ -636,10 +647,12 @@ def export_tensors(syn: SyntheticSet, out_dir: str | Path) -> Path:
 
     Writes ``images.pt``, ``labels.pt`` and (if learned) ``lr.pt`` — the MTT / DD-Ranking layout —
     and ``res.pt`` = ``{"data": [[images, labels]]}``, the DC/DSA/DM layout. Images stay in the
-    normalized space (as those repos store them).
+    normalized space (as those repos store them); a multi-formation set is decoded first.
     """
+    from condense.ops.formation import decoded_set
+
     out_dir = Path(out_dir)
-    t = _tensors(syn)
+    t = _tensors(decoded_set(syn))  # other repos' loaders know no decoder: decoded images
     files = {"images.pt": t["images"], "labels.pt": t["labels"], "res.pt": {"data": [[t["images"], t["labels"]]]}}
     if "lr" in t:
         files["lr.pt"] = t["lr"]

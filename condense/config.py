@@ -29,6 +29,10 @@ from condense.errors import ConfigError
 log = logging.getLogger(__name__)
 
 GROUPS = ("method", "dataset", "model", "eval", "budget", "logger")
+#: Groups a run config may lack (their absence means the default: ``param`` -> plain pixels).
+OPTIONAL_GROUPS = ("param",)
+#: Every group a choice can name (``condense param=multi``, ``condense.distil(param="multi")``).
+ALL_GROUPS = GROUPS + OPTIONAL_GROUPS
 PRECISIONS = ("fp32", "bf16")
 EXPORTS = ("imagefolder", "tensors")
 LOGGERS = ("none", "wandb")
@@ -472,6 +476,21 @@ def check_names(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"unknown logger {group_name(cfg, 'logger')!r}; valid choices: {', '.join(LOGGERS)}")
 
 
+def param_decoder(cfg: Mapping[str, Any]) -> Any:
+    """The stored set's parametrization (``cfg["param"]``, :class:`condense.ops.formation.Decoder`);
+    plain pixels when the config has no ``param`` node.
+
+    Raises:
+        ConfigError: unknown param name, a bad factor / mode (one line, the valid choices).
+    """
+    from condense.ops.formation import Decoder
+
+    p = node(cfg, "param")
+    if not p:
+        return Decoder()
+    return Decoder(kind=str(p.get("name", "pixels")), factor=p.get("factor", 1), mode=str(p.get("mode", "bilinear")))
+
+
 def check_models(cfg: Mapping[str, Any]) -> None:
     """The distillation network's and the evaluation's model kwargs exist; the dataset's
     ``im_size`` is null or a positive integer; ``device`` is one this machine has."""
@@ -553,6 +572,9 @@ def validate(cfg: Mapping[str, Any], explicit: Collection[str] = (),
     mcfg, prec = _method_and_precision(cfg, explicit, device)
     iters = resolve_iterations(cfg, mcfg)
     method_class(cfg).check_config(mcfg, int(cfg["ipc"]))
+    from condense.synth.base import require_param
+
+    require_param(method_class(cfg), param_decoder(cfg).kind)
     check_models(cfg)
     if hasattr(mcfg, "iterations"):
         mcfg = dataclasses.replace(mcfg, iterations=iters)
@@ -582,7 +604,8 @@ def load_data(cfg: Mapping[str, Any], device: torch.device) -> Any:
 
 def synth_context(cfg: Mapping[str, Any], data: Any, device: torch.device) -> Any:
     """The :class:`~condense.synth.base.SynthContext` of a run: class index, a generator seeded
-    with ``cfg["seed"]``, ``cfg["model"]``, the dataset's DSA strategy, ``cfg["cache_dir"]``."""
+    with ``cfg["seed"]``, ``cfg["model"]``, the dataset's DSA strategy, ``cfg["cache_dir"]``, the
+    parametrization ``cfg["param"]``."""
     from condense.augment import DSA, default_strategy
     from condense.data import ClassIndex
     from condense.synth.base import SynthContext
@@ -601,4 +624,5 @@ def synth_context(cfg: Mapping[str, Any], data: Any, device: torch.device) -> An
         model_kwargs=dict(model.get("kwargs") or {}),
         augment=DSA(default_strategy(data.spec.name)),
         cache_dir=Path(str(cfg["cache_dir"])) if cfg.get("cache_dir") else None,
+        decoder=param_decoder(cfg),
     )

@@ -55,8 +55,10 @@ class DistilResult:
 
 
 def default_run_dir(cfg: Mapping[str, Any]) -> Path:
-    """``runs/<dataset>/<method>/ipc<ipc>-<budget>-seed<seed>`` under the working directory."""
-    return Path(RUN_DIR.format(dataset=C.group_name(cfg, "dataset"), method=C.group_name(cfg, "method"),
+    """``runs/<dataset>/<method>[+multi<f>]/ipc<ipc>-<budget>-seed<seed>`` under the working directory."""
+    dec = C.param_decoder(cfg)
+    method = C.group_name(cfg, "method") + ("" if dec.identity else "+" + dec.label)
+    return Path(RUN_DIR.format(dataset=C.group_name(cfg, "dataset"), method=method,
                                budget=C.group_name(cfg, "budget"), ipc=cfg.get("ipc"), seed=cfg.get("seed")))
 
 
@@ -132,7 +134,8 @@ def _pipeline(cfg: dict[str, Any], built: C.Built, device: torch.device, run_dir
     if getattr(evaluator, "pending_labels", None) is not None:  # soft protocol, stored labels: into the artifact
         paths["labels"] = evaluator.save_pending(run_dir)
     record = result_record(cfg, built, result.info(), report, device, run_dir=run_dir, code=code,
-                           speed=speed, command=command, data_root=getattr(data, "root", None))
+                           speed=speed, command=command, data_root=getattr(data, "root", None),
+                           stored_images=len(syn))
     if report is not None:
         paths["eval"] = write_eval_json(report, run_dir / "eval.json", method=record["method"],
                                         dataset=record["dataset"], ipc=record["ipc"], artifact=record["run_dir"])
@@ -182,7 +185,8 @@ def export(syn: SyntheticSet, run_dir: str | Path, kinds: Sequence[str]) -> dict
 def result_record(cfg: Mapping[str, Any], built: C.Built, result_info: Mapping[str, Any],
                   report: EvalReport | None, device: torch.device | str, *, run_dir: Path | None = None,
                   code: dict[str, Any] | None = None, speed: dict[str, float] | None = None,
-                  command: str | None = None, data_root: str | None = None) -> dict[str, Any]:
+                  command: str | None = None, data_root: str | None = None,
+                  stored_images: int | None = None) -> dict[str, Any]:
     """The benchmark-format record of DESIGN.md for one run.
 
     ``code``: the code version taken when the job started (default: now); a long run must not
@@ -199,6 +203,7 @@ def result_record(cfg: Mapping[str, Any], built: C.Built, result_info: Mapping[s
         "tag": cfg.get("tag") or None,
         "method": C.group_name(cfg, "method"),
         "flip": bool(getattr(m, "flip", False)),
+        **param_fields(cfg, stored_images),
         "dataset": C.group_name(cfg, "dataset"),
         "ipc": int(cfg["ipc"]),
         "budget": C.group_name(cfg, "budget"),
@@ -219,6 +224,16 @@ def result_record(cfg: Mapping[str, Any], built: C.Built, result_info: Mapping[s
         "run_dir": provenance.portable_path(run_dir) if run_dir is not None else None,
         "dataset_root": describe_root(data_root) if data_root else None,
     }
+
+
+def param_fields(cfg: Mapping[str, Any], stored_images: int | None) -> dict[str, Any]:
+    """A multi-formation run's record fields: ``param`` (its label, e.g. ``multi2``, part of the
+    leaderboard row and the record path), the decoder, and both image counts; nothing for pixels."""
+    dec = C.param_decoder(cfg)
+    if dec.identity:
+        return {}
+    return {"param": dec.label, "decoder": dec.to_dict(),
+            "images": {"stored": stored_images, "decoded": None if stored_images is None else stored_images * dec.per_slot}}
 
 
 #: Top-level config keys holding paths: recorded with :func:`condense.provenance.portable_path`.

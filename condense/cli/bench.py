@@ -25,6 +25,7 @@ Exit status: 0 done, 1 some run failed, 2 bad arguments.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -56,9 +57,9 @@ DEFAULTS: dict[str, Any] = {
 }
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=local_parallel"], "slurm": ["hydra/launcher=slurm"]}
 RESERVED = ("method", "dataset", "ipc", "budget", "seed", "result_json", "method.flip", "hydra.sweep.dir",
-            "hydra.sweep.subdir", "hydra/launcher", "resume", "tag")
+            "hydra.sweep.subdir", "hydra/launcher", "resume", "tag", "param", "param.factor", "param.mode")
 SUITE_KEYS = {"name", "description", "dataset", "datasets", "budget", "seeds", "entries"}
-ENTRY_KEYS = {"method", "ipc", "flip", "overrides", "tag"}
+ENTRY_KEYS = {"method", "ipc", "flip", "param", "overrides", "tag"}
 
 
 @dataclass(frozen=True)
@@ -73,16 +74,19 @@ class Run:
     seed: int
     overrides: tuple[str, ...] = ()
     tag: str | None = None
+    param: str = ""  # multi-formation label (``multi2``); "" = pixels
 
     @property
     def label(self) -> str:
-        return f"{self.method}+flip" if self.flip else self.method
+        from condense.report.records import method_label
+
+        return method_label(self.method, self.flip, self.param)
 
     def result_path(self, results_dir: Path) -> Path:
         from condense.report.records import result_path
 
         return result_path(results_dir, self.dataset, self.method, self.flip, self.ipc, self.budget, self.seed,
-                           self.tag)
+                           self.tag, self.param)
 
     def run_dir(self, runs_dir: Path, suite: str) -> Path:
         from condense.report.records import result_stem
@@ -92,7 +96,8 @@ class Run:
     def expect(self) -> dict[str, Any]:
         """Fields the result record must carry."""
         return {"method": self.method, "flip": self.flip, "dataset": self.dataset, "ipc": self.ipc,
-                "budget": self.budget, "seed": self.seed, "tag": self.tag}
+                "budget": self.budget, "seed": self.seed, "tag": self.tag,
+                **({"param": self.param} if self.param else {})}
 
     def describe(self) -> str:
         extra = f" [{' '.join(self.overrides)}]" if self.overrides else ""
@@ -125,6 +130,13 @@ def suite_names(suites_dir: Path) -> list[str]:
 
 def _choices(group: str) -> list[str]:
     return group_choices(group)
+
+
+def _method_params(method: str) -> tuple[str, ...]:
+    """The parametrizations ``method`` composes with (its ``params``)."""
+    from condense.synth import SYNTHESIZERS
+
+    return tuple(SYNTHESIZERS.get(method).params)
 
 
 def _method_has_flip(method: str) -> bool:
@@ -207,6 +219,18 @@ def _check_entry(e: Any, where: str) -> None:
         have = [m for m in _choices("method") if _method_has_flip(m)]
         raise ConfigError(f"{where}: method {e['method']!r} has no flip option; "
                           f"flip variants exist for: {', '.join(have)}")
+    params = _as_list(e.get("param", ["pixels"]))
+    if not params or not all(isinstance(p, str) for p in params):
+        raise ConfigError(f"{where}: param must be a list of labels (pixels, multi2, ...), got {e.get('param')!r}")
+    from condense.ops.formation import Decoder
+
+    for p in params:
+        try:
+            kind = Decoder.from_label(p).kind
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if kind not in _method_params(e["method"]):
+            raise ConfigError(f"{where}: method {e['method']!r} does not support param={kind}")
     tag = e.get("tag")
     if tag is not None and not (isinstance(tag, str) and re.fullmatch(r"[A-Za-z0-9_.]+", tag)):
         raise ConfigError(f"{where}: tag must be letters, digits, '_' or '.', got {tag!r}")
@@ -226,11 +250,11 @@ def expand(suite: Suite) -> list[Run]:
     for i, e in enumerate(suite.entries):
         overrides = tuple(str(o) for o in _as_list(e.get("overrides")))
         for d in suite.datasets:
-            for flip in _as_list(e.get("flip", [False])):
+            for flip, param in itertools.product(_as_list(e.get("flip", [False])), _as_list(e.get("param", ["pixels"]))):
                 for ipc in _as_list(e["ipc"]):
                     for seed in suite.seeds:
                         run = Run(d, str(e["method"]), bool(flip), int(ipc), suite.budget, int(seed), overrides,
-                                  e.get("tag"))
+                                  e.get("tag"), "" if param == "pixels" else str(param))
                         ident = (d, run.label, run.ipc, seed, run.tag)
                         if ident in seen:
                             raise ConfigError(f"suite {suite.path.name}: entries {seen[ident]} and {i} both "
@@ -296,7 +320,7 @@ def make_calls(todo: list[Run], *, results_dir: Path, runs_dir: Path, suite: str
 
     buckets: dict[tuple, list[Run]] = defaultdict(list)
     for run in todo:
-        key = (run.dataset, run.budget, run.method, run.flip, run.overrides, run.tag, run.seed)
+        key = (run.dataset, run.budget, run.method, run.flip, run.param, run.overrides, run.tag, run.seed)
         buckets[key if group else key + (run.ipc,)].append(run)
     calls = []
     for runs in buckets.values():
@@ -307,6 +331,10 @@ def make_calls(todo: list[Run], *, results_dir: Path, runs_dir: Path, suite: str
                 f"seed={r0.seed}", f"ipc={ipcs}"]
         if r0.flip:
             argv.append("method.flip=true")
+        if r0.param:
+            from condense.ops.formation import Decoder
+
+            argv += Decoder.from_label(r0.param).overrides()
         argv += list(r0.overrides)
         if r0.tag:
             argv.append(f"tag={r0.tag}")

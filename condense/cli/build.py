@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from condense.cli._conf import CONF_DIR, group_choices
-from condense.config import GROUPS
+from condense.config import ALL_GROUPS
 from condense.errors import ConfigError
 
 
@@ -31,7 +31,7 @@ def one_line(e: Exception) -> str:
     """Hydra's multi-line composition errors -> one line with the valid choices."""
     text = str(e)
     m = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
-    if m and m.group(1) in GROUPS:
+    if m and m.group(1) in ALL_GROUPS:
         g, bad = m.group(1), m.group(2)
         return f"unknown {g} {bad!r}; valid choices: {', '.join(group_choices(g))}"
     m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
@@ -93,9 +93,9 @@ def compose(overrides: list[str], config_name: str = "config") -> dict[str, Any]
 def compose_groups(groups: Mapping[str, str], config_name: str = "config") -> dict[str, Any]:
     """The composition with the given group choices (``{"method": "dm", "budget": "smoke"}``);
     the other groups at their defaults. Used by :func:`condense.distil`."""
-    bad = [g for g in groups if g not in GROUPS]
+    bad = [g for g in groups if g not in ALL_GROUPS]
     if bad:
-        raise ConfigError(f"unknown config group(s) {', '.join(bad)}; valid groups: {', '.join(GROUPS)}")
+        raise ConfigError(f"unknown config group(s) {', '.join(bad)}; valid groups: {', '.join(ALL_GROUPS)}")
     for g, choice in groups.items():
         if not isinstance(choice, str) or not re.fullmatch(r"[\w.\-]+", choice):
             raise ConfigError(f"{g} must be the name of a config file in conf/{g}/, got {choice!r}; "

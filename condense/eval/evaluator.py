@@ -234,7 +234,11 @@ class Evaluator:
                           wall_s=time.perf_counter() - t0)
 
     def evaluate(self, syn: SyntheticSet) -> EvalReport:
-        """Evaluate a synthetic set (its learned lr is used where present)."""
+        """Evaluate a synthetic set (its learned lr is used where present; a multi-formation set
+        trains on its decoded images, :func:`condense.ops.formation.decoded_set`)."""
+        from condense.ops.formation import decoded_set
+
+        syn = decoded_set(syn)
         if syn.meta.dataset.name != self.data.spec.name:
             raise ConfigError(f"synthetic set is for dataset {syn.meta.dataset.name!r} but the "
                               f"evaluator holds {self.data.spec.name!r}")

@@ -546,9 +546,11 @@ class SoftEvaluator:
             ArtifactError: a missing teacher, a corrupted labels file.
         """
         from condense.eval.evaluator import eval_test_split
+        from condense.ops.formation import decoded_set
         from condense.train import accuracy
 
         c = self.cfg
+        syn = decoded_set(syn)  # multi-formation: the students (and the teacher) see decoded images
         if syn.meta.dataset.name != self.data.spec.name:
             raise ConfigError(f"synthetic set is for dataset {syn.meta.dataset.name!r} but the "
                               f"evaluator holds {self.data.spec.name!r}")

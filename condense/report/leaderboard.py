@@ -36,6 +36,7 @@ from condense.report.records import (
     check_clean,
     load_results,
     method_label,
+    parse_label,
     prepare_s,
     record_protocol,
 )
@@ -52,9 +53,9 @@ METHOD_ORDER = ("random", "herding", "kcenter", "grand", "el2n", "forgetting", "
 
 
 def _order(label: str) -> tuple[int, str]:
-    base, _, flip = label.partition("+")
+    base, param, flip = parse_label(label)
     idx = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
-    return (idx, base + ("1" if flip else "0"))
+    return (idx, base + ("1" if flip else "0") + param)
 
 
 def fmt_acc(cell: Cell | None) -> str:
@@ -102,8 +103,8 @@ class Section:
         return sorted({k.label for k in self.cells}, key=_order)
 
     def cell(self, label: str, ipc: int) -> Cell | None:
-        method, _, flip = label.partition("+")
-        return self.cells.get(CellKey(self.dataset, self.budget, method, bool(flip), ipc, self.protocol))
+        method, param, flip = parse_label(label)
+        return self.cells.get(CellKey(self.dataset, self.budget, method, flip, ipc, self.protocol, param))
 
     def random(self, ipc: int) -> Cell | None:
         return self.cell("random", ipc)
@@ -262,13 +263,13 @@ def accuracy_table(sec: Section) -> Table:
     rows = [["whole dataset"] + [x for _ in sec.ipcs
                                  for x in (fmt_acc(sec.whole), pub_whole.text() if pub_whole else DASH)]]
     for label in sec.labels:
-        method, _, flip = label.partition("+")
+        method, param, flip = parse_label(label)
         row = [sec.display(label)]
         for k in sec.ipcs:
-            pv = published_value(sec.dataset, method, k, bool(flip))
+            pv = published_value(sec.dataset, method, k, flip, param)
             row += [fmt_acc(sec.cell(label, k)), pv.text() if pv else DASH]
         rows.append(row)
-    ours = {lab.partition("+")[0] for lab in sec.labels}
+    ours = {parse_label(lab)[0] for lab in sec.labels}
     for prow in published_rows(sec.dataset):
         if prow.method in ours or prow.method == WHOLE:
             continue
@@ -414,7 +415,7 @@ def ablation_table(recs: list[dict[str, Any]], ids: dict[str, str],
     """Tagged variant runs beside the budget's own run of the same cell (never leaderboard cells):
     the settings changed against that cell's record, and the cell's own result for comparison."""
     rows = []
-    for r in sorted(recs, key=lambda r: (r["dataset"], r["budget"], r["method"], r.get("flip", False),
+    for r in sorted(recs, key=lambda r: (r["dataset"], r["budget"], r["method"], str(r.get("param") or ""), r.get("flip", False),
                                          r["ipc"], r["tag"], r["seed"])):
         acc = "; ".join(f"{a}: {s['mean']:.2f} ± {s['std']:.2f} ({s['n']})" for a, s in r["eval"]["summary"].items())
         dist = r.get("distill") or {}
@@ -426,7 +427,7 @@ def ablation_table(recs: list[dict[str, Any]], ids: dict[str, str],
             cell_text = "; ".join(f"{s['mean']:.2f} ± {s['std']:.2f}" for s in cs.values())
             cell_text += f" ({(cell.get('distill') or {}).get('iterations', DASH)} it., " \
                          f"{record_machines([cell], ids)})"
-        rows.append([r["dataset"], r["budget"], method_label(r["method"], bool(r.get("flip"))), str(r["ipc"]),
+        rows.append([r["dataset"], r["budget"], method_label(r["method"], bool(r.get("flip")), str(r.get("param") or "")), str(r["ipc"]),
                      r["tag"], ablation_changes(r, cell), acc, fmt_num(dist.get("wall_s"), 0),
                      fmt_num(prepare_s([r]), 0), str(dist.get("iterations", DASH)), record_machines([r], ids),
                      cell_text])

@@ -65,12 +65,14 @@ def published_rows(dataset: str) -> tuple[PublishedRow, ...]:
     return PUBLISHED.get(dataset, ())
 
 
-def published_value(dataset: str, method: str, ipc: int | None, flip: bool = False) -> PublishedValue | None:
+def published_value(dataset: str, method: str, ipc: int | None, flip: bool = False,
+                    param: str = "") -> PublishedValue | None:
     """The published number for (dataset, method, ipc); ``None`` when there is none.
 
-    FYI-flip variants have no published Fashion-MNIST figures, so ``flip=True`` always gives ``None``.
+    FYI-flip variants have no published Fashion-MNIST figures, so ``flip=True`` always gives ``None``;
+    nor do our multi-formation variants of a method (``param``; IDC's own figures are IDC's row).
     """
-    if flip:
+    if flip or param:
         return None
     for row in published_rows(dataset):
         if row.method == method:

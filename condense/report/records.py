@@ -1,6 +1,6 @@
 """Benchmark result files (DESIGN.md "Benchmark results"): paths, validation, loading, aggregation.
 
-One JSON file per run at ``<results>/<dataset>/<method>[+flip]/ipc<k>-<budget>-seed<s>.json``;
+One JSON file per run at ``<results>/<dataset>/<method>[+multi<f>][+flip]/ipc<k>-<budget>-seed<s>.json``;
 ``kind: "accuracy"`` records feed the leaderboard tables, ``kind: "ablation"`` ones (tagged
 variant runs) its Ablations table, ``kind: "perf"`` records its Speed section and ``kind: "study"``
 records (a measured side question, e.g. bf16's accuracy effect in evaluation) its Studies section.
@@ -35,9 +35,18 @@ def record_protocol(rec: dict[str, Any]) -> str:
     return SOFT if proto.get("protocol") == SOFT or proto.get("labels") == SOFT_PROTOCOL_LABELS else HARD
 
 
-def method_label(method: str, flip: bool) -> str:
-    """``"dsa+flip"`` for a flip run, else the method key."""
-    return f"{method}+flip" if flip else method
+def method_label(method: str, flip: bool, param: str = "") -> str:
+    """The method key with its variants: ``"dsa+flip"``, ``"dm+multi2"``, ``"dm+multi2+flip"``."""
+    return method + (f"+{param}" if param else "") + ("+flip" if flip else "")
+
+
+def parse_label(label: str) -> tuple[str, str, bool]:
+    """``(method, param, flip)`` of a :func:`method_label`."""
+    parts = label.split("+")
+    flip = parts[-1] == "flip"
+    if flip:
+        parts = parts[:-1]
+    return parts[0], "+".join(parts[1:]), flip
 
 
 def result_stem(ipc: int | str, budget: str, seed: int, tag: str | None = None) -> str:
@@ -46,9 +55,10 @@ def result_stem(ipc: int | str, budget: str, seed: int, tag: str | None = None) 
 
 
 def result_path(results_dir: str | Path, dataset: str, method: str, flip: bool, ipc: int, budget: str,
-                seed: int, tag: str | None = None) -> Path:
+                seed: int, tag: str | None = None, param: str = "") -> Path:
     """Where the record of one run lives (the one path scheme every tool uses)."""
-    return Path(results_dir) / dataset / method_label(method, flip) / f"{result_stem(ipc, budget, seed, tag)}.json"
+    return (Path(results_dir) / dataset / method_label(method, flip, param)
+            / f"{result_stem(ipc, budget, seed, tag)}.json")
 
 
 def _is_num(x: Any) -> bool:
@@ -198,7 +208,8 @@ def load_results(results_dir: str | Path) -> Results:
 @dataclass(frozen=True, order=True)
 class CellKey:
     """One leaderboard cell: dataset x budget x method (+flip) x ipc (``None`` for whole data) x
-    evaluation protocol (``hard`` or ``soft``: :func:`record_protocol`)."""
+    evaluation protocol (``hard`` or ``soft``: :func:`record_protocol`) x parametrization
+    (``param``: ``""`` for pixels, ``multi2``... for multi-formation)."""
 
     dataset: str
     budget: str
@@ -206,10 +217,11 @@ class CellKey:
     flip: bool
     ipc: int | None
     protocol: str = HARD
+    param: str = ""
 
     @property
     def label(self) -> str:
-        return method_label(self.method, self.flip)
+        return method_label(self.method, self.flip, self.param)
 
 
 @dataclass
@@ -248,7 +260,7 @@ def pool(stats: list[tuple[float, float, int]]) -> tuple[float, float, int]:
 def cell_key(rec: dict[str, Any]) -> CellKey:
     ipc = rec.get("ipc")
     return CellKey(str(rec["dataset"]), str(rec["budget"]), str(rec["method"]), bool(rec.get("flip")),
-                   None if rec["method"] == WHOLE else int(ipc), record_protocol(rec))
+                   None if rec["method"] == WHOLE else int(ipc), record_protocol(rec), str(rec.get("param") or ""))
 
 
 def aggregate(records: list[dict[str, Any]]) -> dict[CellKey, Cell]:

@@ -22,11 +22,12 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from condense.errors import ConfigError
+from condense.ops.formation import PIXELS
 from condense.synth.base import SynthContext, Synthesizer, require_class_parallel
 from condense.types import SetMeta, SyntheticSet, class_major_labels
 
@@ -56,11 +57,27 @@ def init_images(ctx: SynthContext, init: str,
 
     With ``ctx.shard`` (class-parallel): the rows of the rank's classes only, ``(k*ipc, C, H, W)``,
     from the draws of all classes.
+
+    With a multi-formation ``ctx.decoder`` these are the stored slots: ``ipc x factor^2`` images
+    per class are initialised as above and each is downsampled into a tile
+    (:meth:`~condense.ops.formation.Decoder.encode`); noise stays full-size noise per slot.
     """
+    dec = ctx.decoder
+    if not dec.identity:  # multi-formation: ipc x factor^2 starting images per class, each into a tile
+        if init == "noise":
+            return _noise_slots(ctx)
+        many = init_images(dataclasses.replace(ctx, ipc=ctx.ipc * dec.per_slot, decoder=PIXELS), init, features)
+        return dec.encode(many)
     images = _all_classes_images(ctx, init, features)
     if ctx.shard is None:
         return images
     return images[ctx.shard.rows(ctx.ipc)].clone()
+
+
+def _noise_slots(ctx: SynthContext) -> torch.Tensor:
+    """Noise slots: noise drawn at full size per slot (a decoded tile is then smooth noise)."""
+    images = _all_classes_images(ctx, "noise", None)
+    return images if ctx.shard is None else images[ctx.shard.rows(ctx.ipc)].clone()
 
 
 def _all_classes_images(ctx: SynthContext, init: str,
@@ -88,12 +105,15 @@ def _all_classes_images(ctx: SynthContext, init: str,
 
 def new_synthetic_set(ctx: SynthContext, images: torch.Tensor, method: str, config: dict) -> SyntheticSet:
     """Wrap ``images`` (class-major) as a hard-labelled SyntheticSet with metadata (with
-    ``ctx.shard``: the rank's classes' images and labels)."""
+    ``ctx.shard``: the rank's classes' images and labels; with a multi-formation ``ctx.decoder``
+    the stored slots, the decoder recorded in ``meta.extra["decoder"]``)."""
     if ctx.shard is None:
         labels = class_major_labels(ctx.spec.num_classes, ctx.ipc, device=images.device)
     else:
         labels = ctx.shard.labels(ctx.ipc, images.device)
     meta = SetMeta(dataset=ctx.spec, ipc=ctx.ipc, method=method, config=config, seed=ctx.seed)
+    if not ctx.decoder.identity:
+        meta.extra["decoder"] = ctx.decoder.to_dict()
     return SyntheticSet(images=images, labels=labels, meta=meta)
 
 
@@ -246,10 +266,15 @@ class ImageOptimizerMixin:
 class MatchingSynthesizer(ImageOptimizerMixin, Synthesizer):
     """Base of the matching methods: image optimizer, real batches, views, checkpoint state.
 
+    Composes with multi-formation (``ctx.decoder``): the optimized leaf holds the stored slots and
+    every synthetic batch that enters a loss or an inner step is decoded first.
+
     The config needs ``iterations``, ``init``, ``lr_img``, ``momentum``, ``flip``, ``dsa`` and
     the image-optimizer fields ``opt_img``, ``betas_img``, ``schedule_img``
     (:data:`IMAGE_OPTIMIZER_DEFAULTS`). With ``dsa=False`` the context's augmenter is ignored.
     """
+
+    params: ClassVar[tuple[str, ...]] = ("pixels", "multi")
 
     def __init__(self, cfg: Any, ctx: SynthContext) -> None:
         type(self).check_config(cfg, ctx.ipc)
@@ -318,9 +343,11 @@ class MatchingSynthesizer(ImageOptimizerMixin, Synthesizer):
         batch, through FYI flip / siamese DSA (:func:`siamese_views`).
 
         Returns:
-            ``real (K, B, C, H, W)`` and ``syn (K, S, C, H, W)`` (``S = ipc``, ``2*ipc`` with flip).
+            ``real (K, B, C, H, W)`` and ``syn (K, S, C, H, W)`` (``S = ipc``, ``2*ipc`` with flip;
+            times ``factor^2`` with multi-formation: the decoded images, flipped after decoding).
         """
         k = self.ctx.spec.num_classes if self.ctx.shard is None else self.ctx.shard.classes
         real = self.real_batch(self.cfg.batch_real)
-        syn_k = syn.images.view(k, -1, *syn.images.shape[1:])
+        images = self.ctx.decoder.decode(syn.images)  # multi-formation: factor^2 images per slot
+        syn_k = images.view(k, -1, *images.shape[1:])
         return siamese_views(self._view_ctx, real, syn_k, flip=self.cfg.flip)

@@ -47,6 +47,9 @@ class SynthContext:
         shard: in a class-parallel run (``torchrun``), this rank's classes and the collectives
             (:class:`condense.distributed.ClassShard`); ``None`` in a one-process run. A method
             that supports it (``class_parallel``) holds only its rank's classes' images.
+        decoder: how a stored image turns into training images (:class:`condense.ops.formation.Decoder`):
+            plain pixels (identity) or multi-formation; only methods whose ``params`` name it get
+            a non-identity one.
     """
 
     data: RealData
@@ -60,6 +63,13 @@ class SynthContext:
     augment: Any = None
     cache_dir: Path | None = None
     shard: Any = None
+    decoder: Any = None
+
+    def __post_init__(self) -> None:
+        if self.decoder is None:
+            from condense.ops.formation import PIXELS
+
+            self.decoder = PIXELS
 
     @property
     def spec(self):  # noqa: ANN201 - DatasetSpec, avoids an import cycle in type checkers
@@ -94,8 +104,13 @@ class Synthesizer(abc.ABC):
     #: it then holds its rank's classes only (``init_set``/``step`` on them, random draws as one
     #: process makes them) and ``step`` returns its rank's SHARES of the metrics (the runner sums them).
     class_parallel: ClassVar[bool] = False
+    #: Parametrizations of the stored set the method composes with (``param=...``,
+    #: :mod:`condense.ops.formation`): every matcher decodes through ``ctx.decoder``.
+    params: ClassVar[tuple[str, ...]] = ("pixels",)
 
     def __init__(self, cfg: Any, ctx: SynthContext) -> None:
+        require_param(type(self), ctx.decoder.kind)
+        ctx.decoder.check_size(ctx.spec.im_size)
         self.cfg = cfg
         self.ctx = ctx
 
@@ -153,6 +168,8 @@ class Synthesizer(abc.ABC):
     def resume_fingerprint(self) -> str:
         """The config a checkpoint must have been written with to be resumed (JSON, sorted keys)."""
         cfg = {k: v for k, v in self.config_dict().items() if k not in self.resume_free_fields}
+        if not self.ctx.decoder.identity:  # a multi-formation checkpoint holds slots, not images
+            cfg["param"] = self.ctx.decoder.to_dict()
         return json.dumps(cfg, sort_keys=True, default=str)
 
 
@@ -175,6 +192,13 @@ def require_class_parallel(cls: type[Synthesizer], ctx: SynthContext | None = No
         from condense.distributed import check_class_parallel
 
         check_class_parallel(ctx, cls.name)
+
+
+def require_param(cls: type[Synthesizer], kind: str) -> None:
+    """``cls`` composes with the parametrization ``kind``, else one line naming the methods that do."""
+    if kind not in cls.params:
+        ok = ", ".join(n for n in SYNTHESIZERS.names() if kind in SYNTHESIZERS.get(n).params)
+        raise ConfigError(f"method {cls.name} does not support param={kind}; methods that do: {ok}")
 
 
 def register_synthesizer(name: str) -> Callable[[type[Synthesizer]], type[Synthesizer]]:

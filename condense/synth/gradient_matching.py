@@ -339,7 +339,8 @@ class GradientMatching(MatchingSynthesizer):
         Class-parallel (``ctx.shard``): the set is split over the ranks, each trains on its rows
         of every batch and the ranks sum their gradients (:class:`condense.train.DataShard`).
         """
-        images, labels = syn.images.detach(), syn.labels
+        dec = self.ctx.decoder  # multi-formation: train on the decoded images
+        images, labels = dec.decode(syn.images.detach()), dec.decode_labels(syn.labels)
         if self.cfg.flip:
             from condense.augment.flip import flip_cat
 
@@ -367,7 +368,8 @@ class GradientMatching(MatchingSynthesizer):
         shard = self.ctx.shard
         if shard is None:
             return None
-        ipc, total = self.ctx.ipc, self.ctx.spec.num_classes * self.ctx.ipc
+        ipc = self.ctx.ipc * self.ctx.decoder.per_slot  # training images per class (decoded)
+        total = self.ctx.spec.num_classes * ipc
         own = shard.rows(ipc)
         rows = torch.arange(own.start, own.stop, device=device)
         if self.cfg.flip:

@@ -140,6 +140,9 @@ class Unroll:
         scale: factor on the inner loss (AST's balanced loss).
         bf16: bfloat16 autocast of the student's forwards.
         channels_last: feed the student channels-last batches (faster convolutions on some CPUs).
+        decoder: multi-formation (:mod:`condense.ops.formation`): ``images`` are the stored slots,
+            decoded afresh for every step (a new graph per step, so TESLA's per-step backward
+            works) and ``batches`` index the decoded rows; ``None`` = plain pixels.
     """
 
     images: Tensor
@@ -150,10 +153,14 @@ class Unroll:
     scale: float = 1.0
     bf16: bool = False
     channels_last: bool = False
+    decoder: Any = None
 
     def batch(self, i: int) -> tuple[Tensor, Tensor]:
         idx = self.batches[i]
-        x, y = self.images[idx], self.targets[idx]
+        if self.decoder is None or self.decoder.identity:
+            x, y = self.images[idx], self.targets[idx]
+        else:
+            x, y = self.decoder.decode(self.images)[idx], self.decoder.decode_labels(self.targets)[idx]
         if self.flip:
             x, y = torch.cat([x, x.flip(-1)]), torch.cat([y, y])
         if self.augment is not None:
@@ -385,6 +392,7 @@ class TrajectoryMatching(ImageOptimizerMixin, Synthesizer):
     """MTT and, through its config, TESLA / FTD / DATM / AST (module docstring)."""
 
     Config: ClassVar[type] = TrajectoryConfig
+    params: ClassVar[tuple[str, ...]] = ("pixels", "multi")
 
     def __init__(self, cfg: TrajectoryConfig, ctx: SynthContext) -> None:
         cfg = resolve_config(cfg, ctx.ipc)
@@ -554,6 +562,9 @@ class TrajectoryMatching(ImageOptimizerMixin, Synthesizer):
         init = cfg.init
         label_logits = None
         if init == "expert_correct":
+            if not ctx.decoder.identity:
+                raise ConfigError(f"{self.name}: init=expert_correct picks whole real images and does not "
+                                  "compose with param=multi; valid inits there: real, noise, herding, kmeans")
             images, label_logits = self._expert_correct_init()
         elif init == "kmeans":
             images = init_images(ctx, "kmeans", lambda x: self.expert_logits(0, self.experts.epochs, x))
@@ -561,9 +572,11 @@ class TrajectoryMatching(ImageOptimizerMixin, Synthesizer):
             images = init_images(ctx, init)
         syn = new_synthetic_set(ctx, images, self.name, self.config_dict())
         if cfg.soft_labels:
-            if label_logits is None:  # the experts' mean final logits on the initial images
-                label_logits = torch.stack([self.expert_logits(k, self.experts.epochs, images)
+            if label_logits is None:  # the experts' mean final logits on the initial (decoded) images
+                shown = ctx.decoder.decode(images)
+                label_logits = torch.stack([self.expert_logits(k, self.experts.epochs, shown)
                                             for k in range(len(self.experts))]).mean(0)
+                label_logits = label_logits.view(images.shape[0], -1, label_logits.shape[-1]).mean(1)
             syn.labels = label_logits.detach().clone().requires_grad_(True)
             self.opt_y = torch.optim.SGD([syn.labels], lr=cfg.lr_y, momentum=cfg.momentum_y)
         self.make_image_optimizer(syn, float(cfg.lr_img), cfg.momentum)
@@ -640,8 +653,8 @@ class TrajectoryMatching(ImageOptimizerMixin, Synthesizer):
         targets = {s: self.experts.params(k, t0 + (j + 1 if s != cfg.syn_steps else cfg.expert_epochs), ctx.device)
                    for j, s in enumerate(matched)}
         scale = balanced_scale(t0, cfg.max_start_epoch) if cfg.balanced_inner_loss else 1.0
-        u = Unroll(syn.images, syn.labels, self._batches(syn.images.shape[0]), self._augment(), cfg.flip, scale,
-                   cfg.bf16, cfg.channels_last)
+        u = Unroll(syn.images, syn.labels, self._batches(syn.images.shape[0] * ctx.decoder.per_slot), self._augment(),
+                   cfg.flip, scale, cfg.bf16, cfg.channels_last, ctx.decoder)
         self.opt.zero_grad(set_to_none=True)
         self.opt_lr.zero_grad(set_to_none=True)
         if self.opt_y is not None:

@@ -70,8 +70,21 @@ def test_fmnist_cpu_expansion() -> None:
     assert {lab for lab, _ in got if lab.endswith("+flip")} == {"dsa+flip", "dm+flip", "datadam+flip"}
     for m in ("grand", "el2n", "forgetting"):
         assert (m, 10) in got and (m, 50) in got, m
-    assert {lab for lab, ipc in got if ipc == 50} == {"random", "herding", "dm", "dsa", "grand", "el2n", "forgetting"}
-    assert len(runs) == 38
+    assert {lab for lab, ipc in got if ipc == 50} == {"random", "herding", "dm", "dsa", "grand", "el2n", "forgetting",
+                                                     "dm+multi2", "dsa+multi2"}
+    assert {(lab, ipc) for lab, ipc in got if "multi" in lab} == {(f"{m}+multi2", k) for m in ("dm", "dsa")
+                                                                  for k in (1, 10, 50)}
+    assert len(runs) == 44
+
+
+def test_multi_formation_entries_pass_the_param_and_keep_their_own_records(tmp_path: Path) -> None:
+    suite = bench.load_suite("fmnist_cpu", SUITES)
+    run = next(r for r in bench.expand(suite) if r.label == "dm+multi2" and r.ipc == 1)
+    assert run.result_path(tmp_path).relative_to(tmp_path).as_posix() == "fashion_mnist/dm+multi2/ipc1-cpu-seed0.json"
+    assert run.expect()["param"] == "multi2"
+    (call,) = bench.make_calls([run], results_dir=tmp_path, runs_dir=tmp_path / "runs", suite="s", launcher="basic",
+                               group=False, resume=False, passthrough=[])
+    assert "param=multi" in call.argv and "param.factor=2" in call.argv
 
 
 def test_runs_missing_then_skips(tmp_path: Path, fake: FakeCondense, capsys: pytest.CaptureFixture) -> None:

@@ -102,3 +102,28 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_bytes(tmp_path, metho
     assert resumed.record["distill"]["iterations"] == ITERATIONS
     assert steps.start == INTERRUPT_AT and steps.steps == list(range(INTERRUPT_AT + 1, ITERATIONS + 1))
     assert (run_dir / "synset.safetensors").read_bytes() == (full.run_dir / "synset.safetensors").read_bytes()
+
+
+MULTI = [m for m in METHODS if "multi" in SYNTHESIZERS.get(m).params]
+#: Cheap enough for the default run; the others (experts to train) run with the slow tests.
+MULTI_FAST = ("dm", "dc")
+
+
+def test_every_matcher_composes_with_multi_formation():
+    assert {"dc", "dsa", "dm", "datadam", "mtt", "tesla", "ftd", "datm"} <= set(MULTI)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("method", [m if m in MULTI_FAST else pytest.param(m, marks=pytest.mark.slow) for m in MULTI])
+def test_multi_formation_artifact_holds_slots_and_decodes(tmp_path, method):
+    from condense.ops.formation import Decoder, decoded_set, set_decoder
+
+    a = _distil(tmp_path, method, "a", param="multi", **{"param.factor": 2})
+    syn = load_synset(a.run_dir)
+    spec = syn.meta.dataset
+    assert syn.images.shape == (spec.num_classes, spec.channels, *spec.im_size)  # one stored slot per class
+    assert set_decoder(syn) == Decoder("multi", 2)
+    assert a.record["param"] == "multi2" and a.record["images"] == {"stored": 10, "decoded": 40}
+    assert a.run_dir.name == "a" and decoded_set(syn).images.shape[0] == 40
+    b = _distil(tmp_path, method, "b", param="multi", **{"param.factor": 2})
+    assert (b.run_dir / "synset.safetensors").read_bytes() == (a.run_dir / "synset.safetensors").read_bytes()
