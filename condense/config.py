@@ -308,7 +308,51 @@ def _method_and_precision(cfg: Mapping[str, Any], explicit: Collection[str],
                              has_option)
     if has_option:
         merged["bf16"] = prec.value == "bf16"
+    labels = labels_choice(cfg)
+    if labels is not None:
+        if "soft_labels" in {f.name for f in dataclasses.fields(cls.Config)}:
+            merged["soft_labels"] = labels == LEARNED
+        elif labels == LEARNED:
+            from condense.synth import SYNTHESIZERS
+
+            ok = ", ".join(n for n in SYNTHESIZERS.names()
+                           if "soft_labels" in {f.name for f in dataclasses.fields(SYNTHESIZERS.get(n).Config)})
+            raise ConfigError(f"labels=learned: method {cls.name} does not learn labels (its loss does not "
+                              f"depend on them); methods that do: {ok}")
     return to_dataclass(cls.Config, merged, "method", skip=("name",)), prec
+
+
+#: ``labels=``: keep the method's own labels (null), force hard ones, or learn soft labels.
+LABELS = ("hard", "learned")
+LEARNED = "learned"
+
+
+def labels_choice(cfg: Mapping[str, Any]) -> str | None:
+    """``cfg["labels"]``: ``None`` (the method's default), ``hard`` or ``learned``.
+
+    Raises:
+        ConfigError: another value (one line with the valid choices).
+    """
+    v = cfg.get("labels")
+    if v is not None and v not in LABELS:
+        raise ConfigError(f"unknown labels {v!r}; valid choices: null (the method's own), {', '.join(LABELS)}")
+    return v
+
+
+def variant(cfg: Mapping[str, Any]) -> str:
+    """What a run changes against its method's plain form, as a record / leaderboard label part:
+    the parametrization (``multi2``) and ``learned`` / ``hard`` where ``labels=`` departs from the
+    method config's own ``soft_labels``; ``""`` for a plain run."""
+    parts = []
+    dec = param_decoder(cfg)
+    if not dec.identity:
+        parts.append(dec.label)
+    labels = labels_choice(cfg)
+    if labels is not None:
+        own = bool(node(cfg, "method").get("soft_labels", False))
+        if (labels == LEARNED) != own:
+            parts.append(labels)
+    return "+".join(parts)
 
 
 def resolve_iterations(cfg: Mapping[str, Any], method_cfg: Any) -> int:

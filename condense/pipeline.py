@@ -55,9 +55,9 @@ class DistilResult:
 
 
 def default_run_dir(cfg: Mapping[str, Any]) -> Path:
-    """``runs/<dataset>/<method>[+multi<f>]/ipc<ipc>-<budget>-seed<seed>`` under the working directory."""
-    dec = C.param_decoder(cfg)
-    method = C.group_name(cfg, "method") + ("" if dec.identity else "+" + dec.label)
+    """``runs/<dataset>/<method>[+<variant>]/ipc<ipc>-<budget>-seed<seed>`` under the working directory."""
+    v = C.variant(cfg)
+    method = C.group_name(cfg, "method") + (f"+{v}" if v else "")
     return Path(RUN_DIR.format(dataset=C.group_name(cfg, "dataset"), method=method,
                                budget=C.group_name(cfg, "budget"), ipc=cfg.get("ipc"), seed=cfg.get("seed")))
 
@@ -227,13 +227,21 @@ def result_record(cfg: Mapping[str, Any], built: C.Built, result_info: Mapping[s
 
 
 def param_fields(cfg: Mapping[str, Any], stored_images: int | None) -> dict[str, Any]:
-    """A multi-formation run's record fields: ``param`` (its label, e.g. ``multi2``, part of the
-    leaderboard row and the record path), the decoder, and both image counts; nothing for pixels."""
+    """A variant run's record fields: ``variant`` (:func:`condense.config.variant`, e.g. ``multi2``,
+    part of the leaderboard row and the record path), ``labels`` when set; for multi-formation the
+    decoder and both image counts. Nothing for a plain run."""
+    out: dict[str, Any] = {}
+    v = C.variant(cfg)
+    if v:
+        out["variant"] = v
+    if C.labels_choice(cfg) is not None:
+        out["labels"] = C.labels_choice(cfg)
     dec = C.param_decoder(cfg)
-    if dec.identity:
-        return {}
-    return {"param": dec.label, "decoder": dec.to_dict(),
-            "images": {"stored": stored_images, "decoded": None if stored_images is None else stored_images * dec.per_slot}}
+    if not dec.identity:
+        out["decoder"] = dec.to_dict()
+        out["images"] = {"stored": stored_images,
+                         "decoded": None if stored_images is None else stored_images * dec.per_slot}
+    return out
 
 
 #: Top-level config keys holding paths: recorded with :func:`condense.provenance.portable_path`.

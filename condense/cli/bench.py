@@ -57,9 +57,10 @@ DEFAULTS: dict[str, Any] = {
 }
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=local_parallel"], "slurm": ["hydra/launcher=slurm"]}
 RESERVED = ("method", "dataset", "ipc", "budget", "seed", "result_json", "method.flip", "hydra.sweep.dir",
-            "hydra.sweep.subdir", "hydra/launcher", "resume", "tag", "param", "param.factor", "param.mode")
+            "hydra.sweep.subdir", "hydra/launcher", "resume", "tag", "param", "param.factor", "param.mode",
+            "labels")
 SUITE_KEYS = {"name", "description", "dataset", "datasets", "budget", "seeds", "entries"}
-ENTRY_KEYS = {"method", "ipc", "flip", "param", "overrides", "tag"}
+ENTRY_KEYS = {"method", "ipc", "flip", "param", "labels", "overrides", "tag"}
 
 
 @dataclass(frozen=True)
@@ -75,18 +76,27 @@ class Run:
     overrides: tuple[str, ...] = ()
     tag: str | None = None
     param: str = ""  # multi-formation label (``multi2``); "" = pixels
+    labels: str | None = None  # ``labels=``: None (the method's own), hard, learned
+
+    @property
+    def variant(self) -> str:
+        """The record's ``variant`` (:func:`condense.config.variant`): what departs from the plain method."""
+        parts = [self.param] if self.param else []
+        if self.labels is not None and (self.labels == "learned") != _method_learns_labels(self.method):
+            parts.append(self.labels)
+        return "+".join(parts)
 
     @property
     def label(self) -> str:
         from condense.report.records import method_label
 
-        return method_label(self.method, self.flip, self.param)
+        return method_label(self.method, self.flip, self.variant)
 
     def result_path(self, results_dir: Path) -> Path:
         from condense.report.records import result_path
 
         return result_path(results_dir, self.dataset, self.method, self.flip, self.ipc, self.budget, self.seed,
-                           self.tag, self.param)
+                           self.tag, self.variant)
 
     def run_dir(self, runs_dir: Path, suite: str) -> Path:
         from condense.report.records import result_stem
@@ -97,7 +107,7 @@ class Run:
         """Fields the result record must carry."""
         return {"method": self.method, "flip": self.flip, "dataset": self.dataset, "ipc": self.ipc,
                 "budget": self.budget, "seed": self.seed, "tag": self.tag,
-                **({"param": self.param} if self.param else {})}
+                **({"variant": self.variant} if self.variant else {})}
 
     def describe(self) -> str:
         extra = f" [{' '.join(self.overrides)}]" if self.overrides else ""
@@ -130,6 +140,13 @@ def suite_names(suites_dir: Path) -> list[str]:
 
 def _choices(group: str) -> list[str]:
     return group_choices(group)
+
+
+def _method_learns_labels(method: str) -> bool:
+    """Whether ``method``'s own config learns soft labels (its yaml's ``soft_labels``)."""
+    from omegaconf import OmegaConf
+
+    return bool(OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml").get("soft_labels", False))
 
 
 def _method_params(method: str) -> tuple[str, ...]:
@@ -231,6 +248,9 @@ def _check_entry(e: Any, where: str) -> None:
             raise ConfigError(f"{where}: {err}") from None
         if kind not in _method_params(e["method"]):
             raise ConfigError(f"{where}: method {e['method']!r} does not support param={kind}")
+    labels = _as_list(e.get("labels", [None]))
+    if not labels or not all(v in (None, "hard", "learned") for v in labels):
+        raise ConfigError(f"{where}: labels must be a list of null, hard, learned, got {e.get('labels')!r}")
     tag = e.get("tag")
     if tag is not None and not (isinstance(tag, str) and re.fullmatch(r"[A-Za-z0-9_.]+", tag)):
         raise ConfigError(f"{where}: tag must be letters, digits, '_' or '.', got {tag!r}")
@@ -250,11 +270,13 @@ def expand(suite: Suite) -> list[Run]:
     for i, e in enumerate(suite.entries):
         overrides = tuple(str(o) for o in _as_list(e.get("overrides")))
         for d in suite.datasets:
-            for flip, param in itertools.product(_as_list(e.get("flip", [False])), _as_list(e.get("param", ["pixels"]))):
+            for flip, param, labels in itertools.product(_as_list(e.get("flip", [False])),
+                                                         _as_list(e.get("param", ["pixels"])),
+                                                         _as_list(e.get("labels", [None]))):
                 for ipc in _as_list(e["ipc"]):
                     for seed in suite.seeds:
                         run = Run(d, str(e["method"]), bool(flip), int(ipc), suite.budget, int(seed), overrides,
-                                  e.get("tag"), "" if param == "pixels" else str(param))
+                                  e.get("tag"), "" if param == "pixels" else str(param), labels)
                         ident = (d, run.label, run.ipc, seed, run.tag)
                         if ident in seen:
                             raise ConfigError(f"suite {suite.path.name}: entries {seen[ident]} and {i} both "
@@ -320,7 +342,7 @@ def make_calls(todo: list[Run], *, results_dir: Path, runs_dir: Path, suite: str
 
     buckets: dict[tuple, list[Run]] = defaultdict(list)
     for run in todo:
-        key = (run.dataset, run.budget, run.method, run.flip, run.param, run.overrides, run.tag, run.seed)
+        key = (run.dataset, run.budget, run.method, run.flip, run.param, run.labels, run.overrides, run.tag, run.seed)
         buckets[key if group else key + (run.ipc,)].append(run)
     calls = []
     for runs in buckets.values():
@@ -335,6 +357,8 @@ def make_calls(todo: list[Run], *, results_dir: Path, runs_dir: Path, suite: str
             from condense.ops.formation import Decoder
 
             argv += Decoder.from_label(r0.param).overrides()
+        if r0.labels is not None:
+            argv.append(f"labels={r0.labels}")
         argv += list(r0.overrides)
         if r0.tag:
             argv.append(f"tag={r0.tag}")

@@ -20,6 +20,15 @@ from condense.config import ALL_GROUPS
 from condense.errors import ConfigError
 
 
+def _labels_suffix(labels: Any) -> str:
+    """The run folder's part for ``labels=`` (``conf/config.yaml``: ``${condense_labels:${labels}}``)."""
+    return "" if labels is None else f"+{labels}"
+
+
+if not OmegaConf.has_resolver("condense_labels"):
+    OmegaConf.register_new_resolver("condense_labels", _labels_suffix)
+
+
 def to_plain(node: Any) -> Any:
     """An OmegaConf node -> plain dicts/lists, interpolations resolved; anything else unchanged."""
     if isinstance(node, DictConfig) or OmegaConf.is_config(node):

@@ -126,7 +126,9 @@ def _resolve_params(model: nn.Module, params: Params | None) -> dict[str, Tensor
 
 
 def _check_xy(x: Tensor, y: Tensor, lead: int) -> None:
-    if x.dim() < lead + 1 or tuple(y.shape) != tuple(x.shape[:lead]):
+    """Labels ``x.shape[:lead]`` (int64) or soft-target probabilities ``x.shape[:lead] + (classes,)``."""
+    soft = y.is_floating_point() and y.dim() == lead + 1
+    if x.dim() < lead + 1 or tuple(y.shape[:lead]) != tuple(x.shape[:lead]) or (y.dim() != lead and not soft):
         raise ConfigError(
             f"expected images with {lead} leading dims matching labels; got x {tuple(x.shape)}, "
             f"y {tuple(y.shape)}"
@@ -199,7 +201,8 @@ def per_class_grads(
     Args:
         model: the network; BatchNorm layers must be in eval mode (:func:`freeze_bn_stats`).
         x: ``(K, B, C, H, W)`` images of ``K`` groups (classes), ``B`` each.
-        y: ``(K, B)`` int64 labels.
+        y: ``(K, B)`` int64 labels, or ``(K, B, classes)`` soft-target probabilities (soft-target
+            cross-entropy; differentiable w.r.t. them with ``create_graph``: learned labels).
         create_graph: keep the graph so the result is differentiable w.r.t. ``x`` (and w.r.t.
             ``params`` that require grad); ``False`` returns detached tensors.
         params: ``{name: tensor}`` weights to differentiate (used in place of the module's

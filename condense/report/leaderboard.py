@@ -53,9 +53,9 @@ METHOD_ORDER = ("random", "herding", "kcenter", "grand", "el2n", "forgetting", "
 
 
 def _order(label: str) -> tuple[int, str]:
-    base, param, flip = parse_label(label)
+    base, variant, flip = parse_label(label)
     idx = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
-    return (idx, base + ("1" if flip else "0") + param)
+    return (idx, base + ("1" if flip else "0") + variant)
 
 
 def fmt_acc(cell: Cell | None) -> str:
@@ -103,8 +103,8 @@ class Section:
         return sorted({k.label for k in self.cells}, key=_order)
 
     def cell(self, label: str, ipc: int) -> Cell | None:
-        method, param, flip = parse_label(label)
-        return self.cells.get(CellKey(self.dataset, self.budget, method, flip, ipc, self.protocol, param))
+        method, variant, flip = parse_label(label)
+        return self.cells.get(CellKey(self.dataset, self.budget, method, flip, ipc, self.protocol, variant))
 
     def random(self, ipc: int) -> Cell | None:
         return self.cell("random", ipc)
@@ -112,6 +112,8 @@ class Section:
     def display(self, label: str) -> str:
         """``label``, marked "(learned labels)" when its sets carry labels learned during
         distillation (``method_config.soft_labels``, e.g. DATM): not comparable to hard-label rows."""
+        if "learned" in parse_label(label)[1].split("+"):
+            return label  # a labels=learned variant says so in its label
         learned = any(bool((r.get("method_config") or {}).get("soft_labels"))
                       for k in self.ipcs if (c := self.cell(label, k)) is not None for r in c.records)
         return f"{label} (learned labels)" if learned else label
@@ -263,10 +265,10 @@ def accuracy_table(sec: Section) -> Table:
     rows = [["whole dataset"] + [x for _ in sec.ipcs
                                  for x in (fmt_acc(sec.whole), pub_whole.text() if pub_whole else DASH)]]
     for label in sec.labels:
-        method, param, flip = parse_label(label)
+        method, variant, flip = parse_label(label)
         row = [sec.display(label)]
         for k in sec.ipcs:
-            pv = published_value(sec.dataset, method, k, flip, param)
+            pv = published_value(sec.dataset, method, k, flip, variant)
             row += [fmt_acc(sec.cell(label, k)), pv.text() if pv else DASH]
         rows.append(row)
     ours = {parse_label(lab)[0] for lab in sec.labels}
@@ -415,7 +417,7 @@ def ablation_table(recs: list[dict[str, Any]], ids: dict[str, str],
     """Tagged variant runs beside the budget's own run of the same cell (never leaderboard cells):
     the settings changed against that cell's record, and the cell's own result for comparison."""
     rows = []
-    for r in sorted(recs, key=lambda r: (r["dataset"], r["budget"], r["method"], str(r.get("param") or ""), r.get("flip", False),
+    for r in sorted(recs, key=lambda r: (r["dataset"], r["budget"], r["method"], str(r.get("variant") or ""), r.get("flip", False),
                                          r["ipc"], r["tag"], r["seed"])):
         acc = "; ".join(f"{a}: {s['mean']:.2f} ± {s['std']:.2f} ({s['n']})" for a, s in r["eval"]["summary"].items())
         dist = r.get("distill") or {}
@@ -427,7 +429,7 @@ def ablation_table(recs: list[dict[str, Any]], ids: dict[str, str],
             cell_text = "; ".join(f"{s['mean']:.2f} ± {s['std']:.2f}" for s in cs.values())
             cell_text += f" ({(cell.get('distill') or {}).get('iterations', DASH)} it., " \
                          f"{record_machines([cell], ids)})"
-        rows.append([r["dataset"], r["budget"], method_label(r["method"], bool(r.get("flip")), str(r.get("param") or "")), str(r["ipc"]),
+        rows.append([r["dataset"], r["budget"], method_label(r["method"], bool(r.get("flip")), str(r.get("variant") or "")), str(r["ipc"]),
                      r["tag"], ablation_changes(r, cell), acc, fmt_num(dist.get("wall_s"), 0),
                      fmt_num(prepare_s([r]), 0), str(dist.get("iterations", DASH)), record_machines([r], ids),
                      cell_text])

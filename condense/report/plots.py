@@ -45,7 +45,7 @@ def accuracy_vs_ipc(cells: list[Cell], whole: Cell | None, title: str, path: Pat
         xs = [c.key.ipc for c in mine]
         ax.errorbar(xs, [c.mean for c in mine], yerr=[c.std for c in mine], color=colors[lab], marker="o",
                     capsize=3, label=f"{lab}")
-        pub = [(c.key.ipc, published_value(c.key.dataset, c.key.method, c.key.ipc, c.key.flip, c.key.param)) for c in mine]
+        pub = [(c.key.ipc, published_value(c.key.dataset, c.key.method, c.key.ipc, c.key.flip, c.key.variant)) for c in mine]
         pub = [(x, v.mean) for x, v in pub if v is not None]
         if pub and published:
             ax.plot([x for x, _ in pub], [y for _, y in pub], color=colors[lab], linestyle="--", marker="x",

@@ -66,13 +66,13 @@ def published_rows(dataset: str) -> tuple[PublishedRow, ...]:
 
 
 def published_value(dataset: str, method: str, ipc: int | None, flip: bool = False,
-                    param: str = "") -> PublishedValue | None:
+                    variant: str = "") -> PublishedValue | None:
     """The published number for (dataset, method, ipc); ``None`` when there is none.
 
     FYI-flip variants have no published Fashion-MNIST figures, so ``flip=True`` always gives ``None``;
-    nor do our multi-formation variants of a method (``param``; IDC's own figures are IDC's row).
+    nor do our variants of a method (``variant``: multi-formation, learned labels).
     """
-    if flip or param:
+    if flip or variant:
         return None
     for row in published_rows(dataset):
         if row.method == method:

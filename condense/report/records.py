@@ -35,13 +35,15 @@ def record_protocol(rec: dict[str, Any]) -> str:
     return SOFT if proto.get("protocol") == SOFT or proto.get("labels") == SOFT_PROTOCOL_LABELS else HARD
 
 
-def method_label(method: str, flip: bool, param: str = "") -> str:
-    """The method key with its variants: ``"dsa+flip"``, ``"dm+multi2"``, ``"dm+multi2+flip"``."""
-    return method + (f"+{param}" if param else "") + ("+flip" if flip else "")
+def method_label(method: str, flip: bool, variant: str = "") -> str:
+    """The method key with its variants: ``"dsa+flip"``, ``"dm+multi2"``, ``"dsa+multi2+learned+flip"``
+    (``variant``: the record's ``variant``, what departs from the method's plain form: the
+    parametrization label and/or ``learned`` / ``hard`` labels forced by ``labels=``)."""
+    return method + (f"+{variant}" if variant else "") + ("+flip" if flip else "")
 
 
 def parse_label(label: str) -> tuple[str, str, bool]:
-    """``(method, param, flip)`` of a :func:`method_label`."""
+    """``(method, variant, flip)`` of a :func:`method_label`."""
     parts = label.split("+")
     flip = parts[-1] == "flip"
     if flip:
@@ -55,9 +57,9 @@ def result_stem(ipc: int | str, budget: str, seed: int, tag: str | None = None) 
 
 
 def result_path(results_dir: str | Path, dataset: str, method: str, flip: bool, ipc: int, budget: str,
-                seed: int, tag: str | None = None, param: str = "") -> Path:
+                seed: int, tag: str | None = None, variant: str = "") -> Path:
     """Where the record of one run lives (the one path scheme every tool uses)."""
-    return (Path(results_dir) / dataset / method_label(method, flip, param)
+    return (Path(results_dir) / dataset / method_label(method, flip, variant)
             / f"{result_stem(ipc, budget, seed, tag)}.json")
 
 
@@ -209,7 +211,7 @@ def load_results(results_dir: str | Path) -> Results:
 class CellKey:
     """One leaderboard cell: dataset x budget x method (+flip) x ipc (``None`` for whole data) x
     evaluation protocol (``hard`` or ``soft``: :func:`record_protocol`) x parametrization
-    (``param``: ``""`` for pixels, ``multi2``... for multi-formation)."""
+    (``variant``: ``""`` for the plain method, ``multi2``, ``learned``, ``multi2+learned``...)."""
 
     dataset: str
     budget: str
@@ -217,11 +219,11 @@ class CellKey:
     flip: bool
     ipc: int | None
     protocol: str = HARD
-    param: str = ""
+    variant: str = ""
 
     @property
     def label(self) -> str:
-        return method_label(self.method, self.flip, self.param)
+        return method_label(self.method, self.flip, self.variant)
 
 
 @dataclass
@@ -260,7 +262,7 @@ def pool(stats: list[tuple[float, float, int]]) -> tuple[float, float, int]:
 def cell_key(rec: dict[str, Any]) -> CellKey:
     ipc = rec.get("ipc")
     return CellKey(str(rec["dataset"]), str(rec["budget"]), str(rec["method"]), bool(rec.get("flip")),
-                   None if rec["method"] == WHOLE else int(ipc), record_protocol(rec), str(rec.get("param") or ""))
+                   None if rec["method"] == WHOLE else int(ipc), record_protocol(rec), str(rec.get("variant") or ""))
 
 
 def aggregate(records: list[dict[str, Any]]) -> dict[CellKey, Cell]:

@@ -115,7 +115,7 @@ def _train_epochs(
     shuffled per epoch: the training engine (:func:`condense.train.fit`) continuing ``opt``.
 
     Args:
-        images: ``(N, C, H, W)``; labels: ``(N,)``.
+        images: ``(N, C, H, W)``; labels: ``(N,)`` int64, or ``(N, classes)`` learned label logits.
         generator: shuffling and augmentation draw from it (the run's generator).
         augment: a DSA (fresh, non-siamese parameters per batch) or ``None``.
         micro_batch: accumulate each batch's gradient over forwards of this many images (same
@@ -124,8 +124,9 @@ def _train_epochs(
         shard: class-parallel: ``images`` are this rank's rows of the set, the gradients are
             summed over the ranks (:class:`condense.train.DataShard`).
     """
-    cfg = FitConfig(epochs=epochs, batch_size=batch_size, schedule="constant", loss="ce", bf16=bf16,
-                    micro_batch=micro_batch)
+    soft = labels.dim() == 2  # learned label logits: KL at T = 1 (the matching loss's targets)
+    cfg = FitConfig(epochs=epochs, batch_size=batch_size, schedule="constant", loss="kl" if soft else "ce",
+                    temperature=1.0, bf16=bf16, micro_batch=micro_batch)
     fit(model, (images.detach(), labels.detach()), cfg, generators=[generator], augment=augment,
         optimizer=opt, shard=shard)
 
@@ -176,6 +177,12 @@ class GradientMatchingConfig:
         betas_img: Adam's ``[beta1, beta2]`` (``opt_img=adam`` only).
         schedule_img: lr of the images over the run's ``iterations`` (stepped once per outer
             iteration, not per outer loop): ``constant`` or ``cosine`` (to 0 at the end).
+        soft_labels: learn per-image label logits with the images (``labels=learned``): the
+            synthetic per-class gradients use soft-target cross-entropy on ``softmax(logits)``,
+            so the matching loss reaches the labels through the gradients; the inner training
+            uses them too (KL at T = 1). One process only.
+        lr_y / momentum_y: SGD on the label logits.
+        label_init: the initial probability of each image's own class (the rest spread evenly).
     """
 
     iterations: int = 1000
@@ -200,6 +207,10 @@ class GradientMatchingConfig:
     opt_img: str = IMAGE_OPTIMIZER_DEFAULTS["opt_img"]
     betas_img: list[float] = field(default_factory=lambda: list(IMAGE_OPTIMIZER_DEFAULTS["betas_img"]))
     schedule_img: str = IMAGE_OPTIMIZER_DEFAULTS["schedule_img"]
+    soft_labels: bool = False
+    lr_y: float = 2.0
+    momentum_y: float = 0.5
+    label_init: float = 0.9
 
 
 @dataclass
@@ -232,6 +243,10 @@ class GradientMatching(MatchingSynthesizer):
         if aug is not None and cfg.flip and not aug.flip_first:
             aug = dataclasses.replace(aug, flip_first=True)  # FYI with DSA: flip first
         self._aug = aug
+        self.opt_y: torch.optim.Optimizer | None = None
+        if cfg.soft_labels and ctx.shard is not None:
+            raise ConfigError(f"{self.name}: labels=learned runs in one process (not class-parallel); "
+                              "run it without torchrun")
 
     @classmethod
     def check_config(cls, cfg: GradientMatchingConfig, ipc: int) -> None:
@@ -247,6 +262,9 @@ class GradientMatching(MatchingSynthesizer):
             "batch_train": cfg.batch_train >= 1,
             "chunk_classes": cfg.chunk_classes >= 0,
             "micro_batch": cfg.micro_batch is None or cfg.micro_batch >= 0,
+            "lr_y": cfg.lr_y > 0,
+            "momentum_y": 0.0 <= cfg.momentum_y < 1.0,
+            "label_init": 0.0 < cfg.label_init < 1.0,
         }
         for key, ok in checks.items():
             if not ok:
@@ -254,7 +272,7 @@ class GradientMatching(MatchingSynthesizer):
                     f"{cls.name}: invalid {key}={getattr(cfg, key)!r} (iterations >= 0, lr_img > 0, "
                     "0 <= momentum < 1, batch_real >= 1, outer_loop >= 1 or null, inner_loop >= 0 "
                     "or null, lr_net > 0, 0 <= momentum_net < 1, batch_train >= 1, chunk_classes >= 0, "
-                    "micro_batch >= 0 or null)"
+                    "micro_batch >= 0 or null, lr_y > 0, 0 <= momentum_y < 1, 0 < label_init < 1)"
                 )
         choices = {"dis_metric": (cfg.dis_metric, METRICS), "init": (cfg.init, INITS),
                    "grad_impl": (cfg.grad_impl, IMPLS)}
@@ -289,22 +307,25 @@ class GradientMatching(MatchingSynthesizer):
     # -- pieces -----------------------------------------------------------------------------
 
     def matching_loss(
-        self, model: nn.Module, params: dict[str, torch.Tensor], real: torch.Tensor, syn: torch.Tensor
+        self, model: nn.Module, params: dict[str, torch.Tensor], real: torch.Tensor, syn: torch.Tensor,
+        syn_targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``(K,)`` per-class gradient distances of real ``(K,B,...)`` and synthetic ``(K,S,...)`` views."""
+        """``(K,)`` per-class gradient distances of real ``(K,B,...)`` and synthetic ``(K,S,...)`` views
+        (``syn_targets``: ``(K, S, classes)`` soft-target probabilities of the synthetic views; default
+        their class)."""
         cfg = self.cfg
         dev = real.device
         k = real.shape[0]
         first = 0 if self.ctx.shard is None else self.ctx.shard.lo  # the classes' ids
         chunk = cfg.chunk_classes or None
         micro = self._micro_batch(dev)
+        y_syn = _class_labels(k, syn.shape[1], dev, first) if syn_targets is None else syn_targets
         with _autocast(dev, cfg.bf16):
             g_real = per_class_grads(model, real, _class_labels(k, real.shape[1], dev, first),
                                      create_graph=False, params=params, impl=cfg.grad_impl,
                                      chunk_size=chunk, micro_batch=micro, compile=cfg.compile,
                                      fuse_stem=cfg.fuse_stem)
-            g_syn = per_class_grads(model, syn, _class_labels(k, syn.shape[1], dev, first),
-                                    create_graph=True, params=params, impl=cfg.grad_impl,
+            g_syn = per_class_grads(model, syn, y_syn, create_graph=True, params=params, impl=cfg.grad_impl,
                                     chunk_size=chunk)
         return gradient_distance(g_real, g_syn, cfg.dis_metric)
 
@@ -322,12 +343,59 @@ class GradientMatching(MatchingSynthesizer):
         if has_batchnorm(model):
             self.freeze_bn(model)
         real, syn_views = self.views(syn)
-        loss = self.matching_loss(model, params, real, syn_views).sum()
-        (grad_img,) = torch.autograd.grad(loss, syn.images)
+        if self.opt_y is None:
+            loss = self.matching_loss(model, params, real, syn_views).sum()
+            (grad_img,) = torch.autograd.grad(loss, syn.images)
+        else:
+            loss = self.matching_loss(model, params, real, syn_views, self.label_views(syn)).sum()
+            grad_img, grad_y = torch.autograd.grad(loss, [syn.images, syn.labels])
+            self.opt_y.zero_grad(set_to_none=True)
+            syn.labels.grad = grad_y
+            self.opt_y.step()
         self.opt.zero_grad(set_to_none=True)
         syn.images.grad = grad_img
         self.opt.step()
         return loss.detach()
+
+    def label_views(self, syn: SyntheticSet) -> torch.Tensor:
+        """``(K, S, classes)`` soft targets of the synthetic views (:meth:`views`' order: decoded,
+        then ``[x; flip(x)]`` with flip): ``softmax`` of the learned logits."""
+        k = self.ctx.spec.num_classes
+        y = self.ctx.decoder.decode_labels(syn.labels).view(k, -1, syn.labels.shape[-1])
+        if self.cfg.flip:
+            y = torch.cat([y, y], dim=1)
+        return torch.softmax(y, dim=-1)
+
+    # -- learned labels ---------------------------------------------------------------------
+
+    def init_set(self) -> SyntheticSet:
+        syn = super().init_set()
+        if self.cfg.soft_labels:
+            k = self.ctx.spec.num_classes
+            p = float(self.cfg.label_init)
+            # logits whose softmax gives p to the own class and (1 - p) / (K - 1) to each other
+            gap = math.log(p * (k - 1) / (1.0 - p)) if k > 1 else 0.0
+            logits = torch.nn.functional.one_hot(syn.labels, k).to(syn.images.dtype) * gap
+            syn.labels = logits.requires_grad_(True)
+            self.opt_y = torch.optim.SGD([syn.labels], lr=self.cfg.lr_y, momentum=self.cfg.momentum_y)
+        return syn
+
+    def finalize(self, syn: SyntheticSet) -> SyntheticSet:
+        out = syn.detach_clone()
+        if self.cfg.soft_labels:
+            out.meta.extra["label_temperature"] = 1.0  # learned as softmax targets (T = 1)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.opt_y is not None:
+            state["opt_y"] = self.opt_y.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.opt_y is not None and "opt_y" in state:
+            self.opt_y.load_state_dict(state["opt_y"])
 
     def freeze_bn(self, model: nn.Module) -> None:
         """BatchNorm statistics from ``16`` real images per class, then frozen (eval mode)."""

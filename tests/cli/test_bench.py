@@ -81,7 +81,7 @@ def test_multi_formation_entries_pass_the_param_and_keep_their_own_records(tmp_p
     suite = bench.load_suite("fmnist_cpu", SUITES)
     run = next(r for r in bench.expand(suite) if r.label == "dm+multi2" and r.ipc == 1)
     assert run.result_path(tmp_path).relative_to(tmp_path).as_posix() == "fashion_mnist/dm+multi2/ipc1-cpu-seed0.json"
-    assert run.expect()["param"] == "multi2"
+    assert run.expect()["variant"] == "multi2"
     (call,) = bench.make_calls([run], results_dir=tmp_path, runs_dir=tmp_path / "runs", suite="s", launcher="basic",
                                group=False, resume=False, passthrough=[])
     assert "param=multi" in call.argv and "param.factor=2" in call.argv

@@ -182,3 +182,64 @@ def test_methods_without_multi_refuse_it_in_one_line():
     cfg, _ = compose("dm", "fashion_mnist", 1, "smoke", param="multi", **{"param.factor": 9})
     with pytest.raises(ConfigError, match="param.factor=9"):
         validate(cfg)
+
+
+# ------------------------------------------------------------------ learned labels (labels=learned)
+
+def test_soft_one_hot_targets_give_the_hard_label_class_gradients():
+    from condense.ops.grads import per_class_grads
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).double()
+    x = torch.randn(3, 4, 1, 4, 4, dtype=torch.float64)
+    y = torch.arange(3).repeat_interleave(4).view(3, 4)
+    for impl in ("loop", "vmap"):
+        hard = per_class_grads(model, x, y, create_graph=False, impl=impl)
+        soft = per_class_grads(model, x, F.one_hot(y, 3).double(), create_graph=False, impl=impl)
+        for n in hard:
+            torch.testing.assert_close(soft[n], hard[n], rtol=1e-10, atol=1e-12)
+    logits = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    g = per_class_grads(model, x, torch.softmax(logits, -1), create_graph=True, impl="loop")
+    (gy,) = torch.autograd.grad(sum(t.square().sum() for t in g.values()), logits)
+    assert bool(gy.abs().sum() > 0)  # the matching loss reaches the labels through the gradients
+    with pytest.raises(ConfigError, match="leading dims"):
+        per_class_grads(model, x, torch.zeros(3, 4, 3, dtype=torch.long), create_graph=False)
+
+
+def test_learned_labels_in_gradient_matching_step_and_compose_with_multi_and_flip(tiny_data):
+    from condense.synth import SYNTHESIZERS
+
+    ctx = dataclasses.replace(make_ctx(tiny_data, ipc=1), decoder=Decoder("multi", 2))
+    cls = SYNTHESIZERS.get("dsa")
+    cfg = dataclasses.replace(cls.Config(), soft_labels=True, flip=True, batch_real=4, iterations=2,
+                              outer_loop=2, inner_loop=1, label_init=0.9)
+    gm = cls(cfg, ctx)
+    syn = gm.init_set()
+    assert syn.labels.shape == (4, 4) and syn.labels.requires_grad
+    p0 = torch.softmax(syn.labels.detach(), -1)
+    torch.testing.assert_close(p0.diagonal(), torch.full((4,), 0.9))
+    assert gm.label_views(syn).shape == (4, 8, 4)  # 1 slot -> 4 decoded -> 8 with flip, per class
+    before = syn.labels.detach().clone()
+    gm.step(syn, 1)
+    assert not torch.equal(before, syn.labels.detach())  # the labels moved
+    out = gm.finalize(syn)
+    assert out.soft and out.meta.extra["label_temperature"] == 1.0 and not out.labels.requires_grad
+    assert "opt_y" in gm.state_dict()
+
+
+def test_labels_learned_is_refused_where_the_loss_ignores_labels_and_marks_the_variant():
+    from condense.api import compose
+    from condense.config import validate, variant
+
+    cfg, _ = compose("dm", "fashion_mnist", 1, "smoke", labels="learned")
+    with pytest.raises(ConfigError, match=r"labels=learned: method dm does not learn labels .* methods that do: .*dsa"):
+        validate(cfg)
+    cfg, _ = compose("dsa", "fashion_mnist", 1, "smoke", labels="learned", param="multi")
+    assert validate(cfg).method.soft_labels is True and variant(cfg) == "multi2+learned"
+    cfg, _ = compose("datm", "fashion_mnist", 1, "smoke", labels="learned")
+    assert variant(cfg) == ""  # datm learns labels anyway
+    cfg, _ = compose("datm", "fashion_mnist", 1, "smoke", labels="hard")
+    assert validate(cfg).method.soft_labels is False and variant(cfg) == "hard"
+    cfg, _ = compose("dsa", "fashion_mnist", 1, "smoke", labels="soft")
+    with pytest.raises(ConfigError, match="unknown labels 'soft'; valid choices"):
+        validate(cfg)

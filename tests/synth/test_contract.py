@@ -123,7 +123,7 @@ def test_multi_formation_artifact_holds_slots_and_decodes(tmp_path, method):
     spec = syn.meta.dataset
     assert syn.images.shape == (spec.num_classes, spec.channels, *spec.im_size)  # one stored slot per class
     assert set_decoder(syn) == Decoder("multi", 2)
-    assert a.record["param"] == "multi2" and a.record["images"] == {"stored": 10, "decoded": 40}
+    assert a.record["variant"] == "multi2" and a.record["images"] == {"stored": 10, "decoded": 40}
     assert a.run_dir.name == "a" and decoded_set(syn).images.shape[0] == 40
     b = _distil(tmp_path, method, "b", param="multi", **{"param.factor": 2})
     assert (b.run_dir / "synset.safetensors").read_bytes() == (a.run_dir / "synset.safetensors").read_bytes()
