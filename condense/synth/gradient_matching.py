@@ -208,7 +208,7 @@ class GradientMatchingConfig:
     betas_img: list[float] = field(default_factory=lambda: list(IMAGE_OPTIMIZER_DEFAULTS["betas_img"]))
     schedule_img: str = IMAGE_OPTIMIZER_DEFAULTS["schedule_img"]
     soft_labels: bool = False
-    lr_y: float = 2.0
+    lr_y: float = 0.01
     momentum_y: float = 0.5
     label_init: float = 0.9
 

@@ -72,9 +72,10 @@ def test_fmnist_cpu_expansion() -> None:
         assert (m, 10) in got and (m, 50) in got, m
     assert {lab for lab, ipc in got if ipc == 50} == {"random", "herding", "dm", "dsa", "grand", "el2n", "forgetting",
                                                      "dm+multi2", "dsa+multi2"}
-    assert {(lab, ipc) for lab, ipc in got if "multi" in lab} == {(f"{m}+multi2", k) for m in ("dm", "dsa")
+    assert {(lab, ipc) for lab, ipc in got if lab.endswith("multi2")} == {(f"{m}+multi2", k) for m in ("dm", "dsa")
                                                                   for k in (1, 10, 50)}
-    assert len(runs) == 44
+    assert {lab for lab, _ in got if "learned" in lab} == {"dsa+learned", "dsa+multi2+learned"}
+    assert len(runs) == 46
 
 
 def test_multi_formation_entries_pass_the_param_and_keep_their_own_records(tmp_path: Path) -> None:
