@@ -57,7 +57,7 @@ def put(results: Path, rec: dict) -> Path:
         path = results / rec["dataset"] / "whole" / f"{rec['budget']}-seed{rec['seed']}.json"
     else:
         path = result_path(results, rec["dataset"], rec["method"], rec["flip"], rec["ipc"], rec["budget"],
-                           rec["seed"])
+                           rec["seed"], variant=rec.get("variant", ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec))
     return path
@@ -299,6 +299,39 @@ def test_whole_reference_declared_for_a_budget(tmp_path):
     md = tmp_path / "LEADERBOARD.md"
     write_report(res, md)
     assert "schedule `e5`, declared by its record as the reference for budget `cpu`" in md.read_text()
+
+
+def test_several_declared_references_the_longest_trained_wins(tmp_path):
+    """The cheap 5-epoch reference and a converged one both declare budget cpu: HLR uses the
+    converged one, the cheap one is listed under its own name."""
+    from condense.report.leaderboard import sections
+
+    res = tmp_path / "results"
+    for budget, epochs, accs in (("e5", 5, [90.8, 90.8, 90.9]), ("converged", 20, [93.0, 93.1])):
+        r = record("whole", None, accs, budget=budget, wall_s=0.0, iterations=0, epochs=epochs)
+        r["reference_for"] = ["cpu"]
+        put(res, r)
+    put(res, record("dm", 10, DM10, wall_s=300.0, iterations=400))
+    (cpu,) = sections(aggregate(load_results(res).accuracy))
+    assert cpu.whole.key.budget == "converged" and [w.key.budget for w in cpu.other_whole] == ["e5"]
+
+
+def test_variant_rows_are_their_own_cells(tmp_path):
+    """A multi-formation / learned-label run is a row of its own (``<method>+<variant>``), next to
+    the plain method's, with no published number borrowed from the plain method."""
+    from condense.report.leaderboard import accuracy_table, sections
+
+    res = tmp_path / "results"
+    put(res, record("dm", 1, DM1, wall_s=900.0, iterations=1000))
+    multi = record("dm", 1, [75.0, 76.0, 77.0], wall_s=900.0, iterations=800)
+    multi["variant"] = "multi2"
+    put(res, multi)
+    assert (res / "fashion_mnist" / "dm+multi2" / "ipc1-cpu-seed0.json").exists()
+    (cpu,) = sections(aggregate(load_results(res).accuracy))
+    assert cpu.labels == ["dm", "dm+multi2"]
+    assert cpu.cell("dm+multi2", 1).mean == pytest.approx(76.0) and cpu.cell("dm", 1).mean != pytest.approx(76.0)
+    rows = {r[0]: r for r in accuracy_table(cpu).rows}
+    assert rows["dm+multi2"][2] == "—" and rows["dm"][2] != "—"  # published: only the plain method's
 
 
 def test_machine_ids_per_cell(tmp_path: Path) -> None:
