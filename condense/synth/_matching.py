@@ -63,21 +63,13 @@ def init_images(ctx: SynthContext, init: str,
     (:meth:`~condense.ops.formation.Decoder.encode`); noise stays full-size noise per slot.
     """
     dec = ctx.decoder
-    if not dec.identity:  # multi-formation: ipc x factor^2 starting images per class, each into a tile
-        if init == "noise":
-            return _noise_slots(ctx)
+    if not dec.identity and init != "noise":  # multi-formation: ipc x factor^2 images per class, one per tile
         many = init_images(dataclasses.replace(ctx, ipc=ctx.ipc * dec.per_slot, decoder=PIXELS), init, features)
         return dec.encode(many)
-    images = _all_classes_images(ctx, init, features)
+    images = _all_classes_images(ctx, init, features)  # noise slots: full-size noise per slot
     if ctx.shard is None:
         return images
     return images[ctx.shard.rows(ctx.ipc)].clone()
-
-
-def _noise_slots(ctx: SynthContext) -> torch.Tensor:
-    """Noise slots: noise drawn at full size per slot (a decoded tile is then smooth noise)."""
-    images = _all_classes_images(ctx, "noise", None)
-    return images if ctx.shard is None else images[ctx.shard.rows(ctx.ipc)].clone()
 
 
 def _all_classes_images(ctx: SynthContext, init: str,
